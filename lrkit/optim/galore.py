@@ -1,0 +1,406 @@
+"""GaLore: Adam on low-rank projections of the gradient (Zhao et al., ICML 2024, arXiv 2403.03507).
+
+Implements the paper's Algorithm 2 ("Adam with GaLore") with the "composition of low-rank subspaces"
+of Sec. 4 (a projector refreshed every T = update_proj_gap steps), and the per-layer weight updates
+and 8-bit states the paper combines it with. By default it follows the official code step for step
+(github jiaweizzhao/GaLore, PyPI galore-torch 1.0); see /work/shared/METHODS.md section 1.
+Knobs beyond the official code (all param-group keys):
+  proj_method        "svd" | "randomized_svd" | "random" | "online_pca" (Online Subspace Descent,
+                     arXiv 2408.12857)
+  switch_subspace    False = the projector of step 0 is kept for ever (fixed-subspace ablation)
+  moments_on_switch  "keep" (official) | "reset" | "rotate" (as LDAdam)
+Departures from galore-torch, all documented where they happen: non-2D parameters and ranks at or
+above min(m, n) fall back to full-rank Adam (galore-torch crashes on the former); the state holds
+only tensors and ints, so state_dict() survives torch.load(weights_only=True); per-layer mode steps
+once per accumulated batch (GaLore issue #78) and clips by the true global norm.
+"""
+import math
+import warnings
+
+import torch
+from torch.optim import Optimizer
+
+PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
+PROJ_METHODS = ("svd", "randomized_svd", "random", "online_pca")
+MOMENT_POLICIES = ("keep", "reset", "rotate")
+
+
+def projector_side(shape, proj_type):
+    """Which side(s) of an m x n gradient get a projector: 'left' (P, m x r), 'right' (Q, r x n), 'full'."""
+    m, n = shape
+    if proj_type == "std":  # project the longer side away: keeps the smaller of P / Q (official rule)
+        return "right" if m >= n else "left"
+    if proj_type == "reverse_std":
+        return "left" if m >= n else "right"
+    return proj_type
+
+
+def project(G, P=None, Q=None):
+    """R = P^T G Q^T, with either factor absent (identity)."""
+    R = G if P is None else P.t() @ G
+    return R if Q is None else R @ Q.t()
+
+
+def project_back(N, P=None, Q=None, scale=1.0):
+    """G_tilde = scale * P N Q, with either factor absent (identity)."""
+    G = N if P is None else P @ N
+    return (G if Q is None else G @ Q) * scale
+
+
+def _draw_seed(seed, index, t):
+    # torch's CPU generator (mt19937) keeps only the low 32 bits of a seed, so hash (seed + index, t)
+    # into them with the splitmix64 finaliser instead of packing them side by side.
+    mask, x = 2**64 - 1, (((seed + index) << 32) + t) & (2**64 - 1)
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return (x ^ (x >> 31)) & 0xFFFFFFFF
+
+
+def _orthonormal(A):
+    # QR with diag(R) > 0, so that a basis that barely moves keeps its column signs (and the moments
+    # expressed in it stay meaningful); plain Householder QR may flip columns at random.
+    Qm, R = torch.linalg.qr(A)
+    return Qm * torch.where(torch.diagonal(R) < 0, -1.0, 1.0).to(Qm)
+
+
+def _randomized_svd(G, rank, generator, oversample=5, niter=2):
+    # Halko et al. 2011 range finder with power iterations (what torch.svd_lowrank does), but drawing
+    # the sketch from our generator so that runs are reproducible and the global RNG is untouched.
+    m, n = G.shape
+    k = min(rank + oversample, m, n)
+    Y = G @ torch.randn(n, k, generator=generator).to(G)
+    for _ in range(niter):
+        Y = G @ (G.t() @ _orthonormal(Y))
+    Y = _orthonormal(Y)
+    Ub, _, Vh = torch.linalg.svd(Y.t() @ G, full_matrices=False)
+    return Y @ Ub, Vh
+
+
+def _online_pca_step(B, A, pca_lr):
+    # One gradient step on f(B) = ||A - B B^T A||_F^2 for B with orthonormal columns, where
+    # grad f = -2 (I - B B^T) A A^T B; the step size pca_lr / (2 ||A||_F^2) makes the move independent of
+    # the gradient's scale and bounds it by pca_lr (||(I - BB^T) A A^T B||_2 <= ||A||_2^2 <= ||A||_F^2).
+    AAtB = A @ (A.t() @ B)
+    direction = AAtB - B @ (B.t() @ AAtB)
+    return _orthonormal(B + pca_lr * direction / A.square().sum().clamp_min(1e-30))
+
+
+def _check(cond, what, value, expected):
+    if not cond:
+        raise ValueError(f"Invalid {what}: {value!r} ({expected})")
+
+
+def _finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _validate(g):
+    _check(_finite(g["lr"]) and g["lr"] >= 0, "learning rate", g["lr"], "expected a finite number >= 0")
+    for i, b in enumerate(g["betas"]):
+        _check(_finite(b) and 0.0 <= b < 1.0, f"beta parameter at index {i}", b, "expected 0 <= beta < 1")
+    _check(_finite(g["eps"]) and g["eps"] >= 0, "epsilon value", g["eps"], "expected >= 0")
+    _check(_finite(g["weight_decay"]) and g["weight_decay"] >= 0, "weight_decay value", g["weight_decay"],
+           "expected >= 0")
+    if "rank" in g:
+        _check(isinstance(g["rank"], int) and g["rank"] >= 1, "rank", g["rank"], "expected an int >= 1")
+    _check(isinstance(g["update_proj_gap"], int) and g["update_proj_gap"] >= 1, "update_proj_gap",
+           g["update_proj_gap"], "expected an int >= 1")
+    _check(_finite(g["scale"]) and g["scale"] > 0, "scale", g["scale"], "expected a finite number > 0")
+    _check(g["proj_type"] in PROJ_TYPES, "proj_type", g["proj_type"], f"expected one of {PROJ_TYPES}")
+    _check(g["proj_method"] in PROJ_METHODS, "proj_method", g["proj_method"], f"expected one of {PROJ_METHODS}")
+    _check(g["moments_on_switch"] in MOMENT_POLICIES, "moments_on_switch", g["moments_on_switch"],
+           f"expected one of {MOMENT_POLICIES}")
+    _check(isinstance(g["switch_subspace"], bool), "switch_subspace", g["switch_subspace"], "expected a bool")
+    _check(_finite(g["pca_lr"]) and g["pca_lr"] > 0, "pca_lr", g["pca_lr"], "expected a finite number > 0")
+
+
+class GaLoreAdamW(Optimizer):
+    r"""AdamW with GaLore gradient projection (arXiv 2403.03507), a drop-in for galore_torch.GaLoreAdamW.
+
+    A param group is projected when it has a ``rank`` key. For a 2-D weight W (m x n), gradient G_t,
+    step t = 0, 1, ... (per parameter), rank r, T = update_proj_gap, alpha = scale:
+
+    .. math::
+        \begin{aligned}
+        &\text{if } t \bmod T = 0:\ U \Sigma V^\top = \mathrm{svd}(G_t),\quad
+            Q = V^\top_{[:r,:]} \ (m \ge n) \quad\text{or}\quad P = U_{[:, :r]} \ (m < n) \\
+        &R_t = G_t Q^\top \ \text{ or } \ P^\top G_t                  \qquad\text{(project)}\\
+        &M_t = \beta_1 M_{t-1} + (1-\beta_1) R_t,\qquad V_t = \beta_2 V_{t-1} + (1-\beta_2) R_t^2 \\
+        &\eta_t = \mathrm{lr}\,\sqrt{1-\beta_2^{t+1}} / (1-\beta_1^{t+1}),\qquad N_t = M_t / (\sqrt{V_t} + \epsilon)\\
+        &W \leftarrow W - \eta_t\, \alpha\, (N_t Q \ \text{ or } \ P N_t)      \qquad\text{(project\_back)}\\
+        &W \leftarrow W - \mathrm{lr}\,\lambda\, W  \qquad\text{(decoupled decay, after the update, on the new } W)
+        \end{aligned}
+
+    Groups without ``rank`` (and non-2-D parameters, and weights with r >= min(m, n)) run the same
+    rule with R_t = G_t and no projection: the Hugging Face-style AdamW galore-torch copies, whose eps is
+    added to sqrt(V_t) *before* bias correction is folded into eta_t (torch.optim.AdamW adds eps to
+    sqrt(V_hat_t)), so its effective eps is eps / sqrt(1 - beta2^t). Defaults are galore-torch's.
+
+    Group keys (constructor arguments set their defaults): ``rank``, ``update_proj_gap`` (200), ``scale``
+    (1.0), ``proj_type`` ('std' as above; 'reverse_std' swaps the sides; 'left', 'right'; 'full' uses
+    both, R = P^T G Q^T), ``proj_method`` ('svd'; 'randomized_svd': a Halko range finder; 'random':
+    Gaussian matrices orthonormalised by QR; 'online_pca': P moved every step by one normalised
+    gradient step of size ``pca_lr`` on ||G - P P^T G||_F^2, then QR, SVD at step 0; this ignores
+    T), ``switch_subspace`` (True), ``moments_on_switch`` ('keep' | 'reset': zero M, V and restart bias
+    correction | 'rotate': M <- (P_new^T P_old) M, M <- M (Q_old Q_new^T); V is rotated the same way,
+    which is only a heuristic for element-wise second moments and can go negative, so it is clamped
+    at 0). A "switch" is every step where the projector changes after step 0.
+    Random draws use a per-optimizer torch.Generator reseeded from a hash of (seed + i, t) for the i-th
+    parameter (state_dict order) at step t: reproducible, and no RNG state needs checkpointing.
+
+    State per parameter: ``step``, ``moment_step`` (ints), ``exp_avg``, ``exp_avg_sq``, and ``P`` and/or
+    ``Q``, all in the parameter's dtype (as galore-torch, so memory matches); the arithmetic runs in fp32.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True,
+                 *, update_proj_gap=200, scale=1.0, proj_type="std", proj_method="svd", switch_subspace=True,
+                 moments_on_switch="keep", pca_lr=0.1, seed=0):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
+                        update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
+                        proj_method=proj_method, switch_subspace=switch_subspace,
+                        moments_on_switch=moments_on_switch, pca_lr=pca_lr)
+        _validate(defaults)
+        _check(isinstance(seed, int) and seed >= 0, "seed", seed, "expected an int >= 0")
+        self.seed = seed
+        self._generator = torch.Generator()  # CPU: the same draws whatever the parameters' device
+        self._warned_full_rank = False
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)  # fills in the defaults
+        group = self.param_groups[-1]
+        _validate(group)
+        if "rank" in group and not self._warned_full_rank:
+            if any(p.dim() == 2 and group["rank"] >= min(p.shape) for p in group["params"]):
+                warnings.warn(f"GaLoreAdamW: rank {group['rank']} >= min(m, n) of some weight; "
+                              "those weights use full-rank Adam (no projection).", stacklevel=3)
+                self._warned_full_rank = True
+
+    @staticmethod
+    def is_projected(p, group):
+        return "rank" in group and p.dim() == 2 and group["rank"] < min(p.shape)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index = 0  # position in state_dict order: seeds this parameter's random draws
+        for group in self.param_groups:
+            for p in group["params"]:
+                index += 1
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("GaLoreAdamW does not support sparse gradients")
+                self._update(p, group, index - 1)
+        return loss
+
+    def _update(self, p, group, index):
+        state = self.state[p]
+        if not state:
+            state["step"] = 0  # steps taken: drives the projector schedule, as galore-torch
+            state["moment_step"] = 0  # steps since M, V (re)started: drives bias correction
+        grad = p.grad.float()  # a no-op in fp32: the arithmetic below is galore-torch's, op for op
+        projected = self.is_projected(p, group)
+        if projected:
+            self._refresh_projector(p, group, state, grad, index)
+            grad = project(grad, *self._projectors(state))
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(grad, dtype=p.dtype)
+            state["exp_avg_sq"] = torch.zeros_like(grad, dtype=p.dtype)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        m, v = exp_avg.float(), exp_avg_sq.float()  # aliases in fp32; working copies for bf16 states
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        state["moment_step"] += 1
+        m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        if m is not exp_avg:
+            exp_avg.copy_(m)
+            exp_avg_sq.copy_(v)
+        denom = v.sqrt().add_(group["eps"])
+        step_size = group["lr"]
+        if group["correct_bias"]:  # HF-style: bias correction folded into the step size
+            t = state["moment_step"]
+            step_size = step_size * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
+        norm_grad = m / denom
+        if projected:
+            norm_grad = project_back(norm_grad, *self._projectors(state), group["scale"])
+        p.add_(norm_grad.to(p.dtype), alpha=-step_size)
+        if group["weight_decay"] > 0.0:  # galore-torch: decay the *updated* weight, with the base lr
+            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+
+    @staticmethod
+    def _projectors(state):  # (P, Q) in fp32, None where absent
+        return tuple(state[k].float() if k in state else None for k in ("P", "Q"))
+
+    def _refresh_projector(self, p, group, state, G, index):
+        t, first, method = state["step"], "P" not in state and "Q" not in state, group["proj_method"]
+        due = method == "online_pca" or t % group["update_proj_gap"] == 0
+        if not first and not (group["switch_subspace"] and due):
+            return
+        side, r = projector_side(G.shape, group["proj_type"]), group["rank"]
+        old = {k: state[k].float() for k in ("P", "Q") if k in state}
+        new = {}
+        if method == "online_pca" and not first:
+            if "P" in old:
+                new["P"] = _online_pca_step(old["P"], G, group["pca_lr"])
+            if "Q" in old:  # Q^T spans the row space: the same problem on G^T
+                new["Q"] = _online_pca_step(old["Q"].t(), G.t(), group["pca_lr"]).t()
+        elif method == "random":
+            self._generator.manual_seed(_draw_seed(self.seed, index, t))
+            if side in ("left", "full"):
+                new["P"] = _orthonormal(torch.randn(G.shape[0], r, generator=self._generator).to(G))
+            if side in ("right", "full"):
+                new["Q"] = _orthonormal(torch.randn(G.shape[1], r, generator=self._generator).to(G)).t()
+        else:  # "svd", "randomized_svd", and step 0 of "online_pca"
+            if method == "randomized_svd":
+                self._generator.manual_seed(_draw_seed(self.seed, index, t))
+                U, Vh = _randomized_svd(G, r, self._generator)
+            else:
+                U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+            if side in ("left", "full"):
+                new["P"] = U[:, :r]
+            if side in ("right", "full"):
+                new["Q"] = Vh[:r, :]
+        for k, X in new.items():
+            state[k] = X.to(p.dtype).contiguous()
+        if old and "exp_avg" in state:
+            self._switch_moments(group, state, old)
+
+    @staticmethod
+    def _switch_moments(group, state, old):
+        policy = group["moments_on_switch"]
+        if policy == "reset":
+            state["exp_avg"].zero_()
+            state["exp_avg_sq"].zero_()
+            state["moment_step"] = 0
+        elif policy == "rotate":  # express M, V in the new basis: R_new ~ (P_new^T P_old) R_old (Q_old Q_new^T)
+            P, Q = GaLoreAdamW._projectors(state)
+            L = P.t() @ old["P"] if P is not None else None
+            Rt = old["Q"] @ Q.t() if Q is not None else None
+            for key in ("exp_avg", "exp_avg_sq"):
+                X = state[key].float()
+                X = X if L is None else L @ X
+                X = X if Rt is None else X @ Rt
+                state[key].copy_(X.clamp_min(0) if key == "exp_avg_sq" else X)
+
+
+class PerLayerGaLore:
+    """GaLore-AdamW updating each parameter inside backward, with one optimizer per parameter as galore-torch.
+
+    Hooks registered with ``Tensor.register_post_accumulate_grad_hook`` step a parameter's own
+    GaLoreAdamW as soon as its gradient is final, then free the gradient. Unlike the official per-layer
+    mode: with ``accumulation_steps=k`` a parameter steps on its k-th hook only (GaLore issue #78);
+    scale the loss by 1/k as usual. ``max_grad_norm`` clips by the *global* norm, exactly as
+    ``clip_grad_norm_`` + step: that norm needs every final gradient, so with clipping on, the hooks of
+    the k-th backward only mark gradients ready and the last one to arrive clips them all and steps
+    every parameter. That is correct but keeps all gradients alive until the end of that backward,
+    i.e. it gives up the per-layer memory saving (a two-pass, LOMO-style norm pass is not implemented).
+    Assumes every parameter gets a gradient in every backward. Same arguments as GaLoreAdamW; the i-th
+    parameter's optimizer is seeded with seed + i so random projections match the one-optimizer run.
+    """
+
+    def __init__(self, params, accumulation_steps=1, max_grad_norm=None, seed=0, **defaults):
+        _check(isinstance(accumulation_steps, int) and accumulation_steps >= 1, "accumulation_steps",
+               accumulation_steps, "expected an int >= 1")
+        _check(max_grad_norm is None or (_finite(max_grad_norm) and max_grad_norm > 0), "max_grad_norm",
+               max_grad_norm, "expected None or a finite number > 0")
+        self.accumulation_steps, self.max_grad_norm = accumulation_steps, max_grad_norm
+        groups = list(params)
+        groups = groups if isinstance(groups[0], dict) else [{"params": groups}]
+        self.optimizers, self._index, self._micro, self._ready, self._handles = {}, {}, {}, [], []
+        i = 0
+        for group in groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    self.optimizers[p] = GaLoreAdamW([{**group, "params": [p]}], seed=seed + i, **defaults)
+                    self._index[p], self._micro[p] = i, 0
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+                i += 1
+
+    def _hook(self, p):
+        self._micro[p] += 1
+        if self._micro[p] < self.accumulation_steps:
+            return  # keep accumulating into p.grad
+        self._micro[p] = 0
+        if self.max_grad_norm is None:
+            self._step(p)
+            return
+        self._ready.append(p)
+        if len(self._ready) == len(self.optimizers):
+            ready = sorted(self._ready, key=self._index.get)  # parameter order, as clip_grad_norm_ sums
+            self._ready = []
+            grads = [p.grad for p in ready]
+            total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            coef = (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
+            for q in ready:
+                q.grad.mul_(coef)
+                self._step(q)
+
+    def _step(self, p):
+        self.optimizers[p].step()
+        p.grad = None  # the point of per-layer mode: this gradient's memory is free again
+
+    def state_dict(self):
+        return {self._index[p]: opt.state_dict() for p, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state_dict):
+        for p, opt in self.optimizers.items():
+            opt.load_state_dict(state_dict[self._index[p]])
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+
+def GaLoreAdamW8bit(params, **kwargs):
+    """8-bit Adam states through bitsandbytes, CUDA only: a thin path to galore_torch.GaLoreAdamW8bit.
+
+    It is the official optimizer (its defaults: eps 1e-8, weight_decay 1e-2), so none of this module's
+    extra keys apply and its state holds projector objects (no weights_only checkpoints).
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("GaLoreAdamW8bit needs a CUDA device (bitsandbytes' 8-bit Adam kernels); "
+                           "use GaLoreAdamW on CPU.")
+    try:
+        from galore_torch import GaLoreAdamW8bit as _Official
+    except ImportError as e:
+        raise ImportError("GaLoreAdamW8bit needs bitsandbytes and galore-torch==1.0 installed") from e
+    return _Official(params, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ memory
+def adam_state_numel(shape):
+    """Full-rank Adam: the two moments M, V of the weight's shape."""
+    return 2 * math.prod(shape)
+
+
+def galore_state_numel(shape, rank=None, proj_type="std"):
+    """Elements of state GaLoreAdamW (and galore-torch) keeps for one parameter: the projector(s) plus
+    M, V of the low-rank shape; full-rank Adam where nothing is projected. Step counters are ints, not
+    tensors. (galore-torch would instead keep a square projector at rank >= min(m, n).)"""
+    if rank is None or len(shape) != 2 or rank >= min(shape):
+        return adam_state_numel(shape)
+    (m, n), side = shape, projector_side(shape, proj_type)
+    left, right = side in ("left", "full"), side in ("right", "full")
+    projector = m * rank * left + rank * n * right
+    return projector + 2 * (rank if left else m) * (rank if right else n)
+
+
+def optimizer_state_bytes(optimizer):
+    """Bytes of every tensor in ``optimizer.state`` (a PerLayerGaLore: all its optimizers); counts
+    galore-torch's projector objects too, so the official optimizer can be measured the same way."""
+    if isinstance(optimizer, PerLayerGaLore):
+        return sum(optimizer_state_bytes(o) for o in optimizer.optimizers.values())
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            tensors = [value] if torch.is_tensor(value) else []
+            if hasattr(value, "ortho_matrix"):  # galore_torch.GaLoreProjector: a tensor or [P, Q]
+                om = value.ortho_matrix
+                tensors = list(om) if isinstance(om, (list, tuple)) else [om]
+            total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return total

@@ -1,0 +1,272 @@
+"""The papermill -> report pipe: run a notebook for a profile, export it, index the results, and diff
+a fresh run against the committed reference.
+
+    python -m lrkit.reports run notebooks/getting_started.ipynb --profile cpu
+    python -m lrkit.reports index --profile cpu      # reports/index.html
+    python -m lrkit.reports readme                   # reports/README.md from the cpu reference results
+    python -m lrkit.reports check --profile cpu      # fresh run vs the committed metrics.json
+
+A notebook runs into a staging directory that replaces ``reports/<notebook>/<profile>/`` only when the
+whole notebook succeeded, so a failed run leaves no half-written results behind (and keeps the last
+good ones).
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from lrkit import records
+from lrkit.utils import REPO_ROOT, REPORTS_DIR, atomic_write_bytes, device_info, resolve_device
+
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+CONFIGS_DIR = REPO_ROOT / "configs"
+
+
+def profile_settings(profile: str) -> dict:
+    """configs/profiles.yaml: per profile its description and notebook cell timeout."""
+    spec = yaml.safe_load((CONFIGS_DIR / "profiles.yaml").read_text())
+    if profile == "auto":
+        profile = "gpu" if resolve_device("auto").type == "cuda" else "cpu"
+    if profile not in spec:
+        raise ValueError(f"Invalid profile: {profile!r} (expected one of {['auto', *spec]})")
+    return {"name": profile, **spec[profile]}
+
+
+def notebook_key(nb: Path) -> str:
+    """notebooks/galore/ablation_rank.ipynb -> 'galore/ablation_rank' (the reports/ and configs/ path)."""
+    return nb.resolve().relative_to(NOTEBOOKS_DIR).with_suffix("").as_posix()
+
+
+def notebook_parameters(nb: Path, profile: str) -> dict:
+    """The profile's YAML for this notebook (configs/<profile>/<key>.yaml); smoke = notebook defaults."""
+    path = CONFIGS_DIR / profile / f"{notebook_key(nb)}.yaml"
+    params = yaml.safe_load(path.read_text()) if path.exists() else None
+    return dict(params or {})
+
+
+def run_notebook(nb: str | Path, profile: str = "auto") -> Path:
+    """Execute one notebook with papermill at ``profile`` and export it to HTML; returns its report dir."""
+    import papermill
+
+    nb = Path(nb).resolve()
+    if not nb.exists() or nb.suffix != ".ipynb":
+        raise ValueError(f"Invalid notebook: {nb} (expected an existing .ipynb under notebooks/)")
+    prof = profile_settings(profile)
+    key = notebook_key(nb)
+    final = records.report_dir(key, prof["name"])
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{prof['name']}.staging-"))
+    staging.chmod(0o755)
+    params = {**notebook_parameters(nb, prof["name"]), "profile": prof["name"], "report_dir": str(staging)}
+    env_before = os.environ.get("LRKIT_HEADLESS")
+    os.environ["LRKIT_HEADLESS"] = "1"  # progress bars off in the headless kernel
+    t0 = time.perf_counter()
+    try:
+        print(f"[{key}] profile={prof['name']} params={ {k: v for k, v in params.items() if k != 'report_dir'} }",
+              flush=True)
+        papermill.execute_notebook(str(nb), str(staging / f"{nb.stem}.ipynb"), parameters=params,
+                                   kernel_name="python3", cwd=str(nb.parent), progress_bar=False,
+                                   execution_timeout=prof["cell_timeout_s"], request_save_on_cell_execute=False)
+        wall = time.perf_counter() - t0
+        _export_html(staging / f"{nb.stem}.ipynb")
+        if not (staging / "metrics.json").exists():
+            raise RuntimeError(f"{nb.name} ran but recorded nothing: it must call lrkit.records.save_run")
+        records.save_execution(staging, profile=prof["name"], wall_time_s=wall, notebook=f"{nb.stem}.ipynb",
+                               html=f"{nb.stem}.html", **device_info(resolve_device("auto")),
+                               executed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        _replace_dir(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if env_before is None:
+            os.environ.pop("LRKIT_HEADLESS", None)
+    print(f"[{key}] done in {wall:.0f} s -> {final}", flush=True)
+    return final
+
+
+def _export_html(executed: Path) -> None:
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter(template_name="lab").from_filename(str(executed))
+    atomic_write_bytes(executed.with_suffix(".html"), body.encode())
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Swap ``new`` into ``target``: two renames, so readers see the old or the new results, never a mix."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------- index
+def _collect(profile: str) -> list[tuple[str, Path, dict]]:
+    out = []
+    for path in sorted(REPORTS_DIR.rglob(f"{profile}/metrics.json")):
+        if any(part.startswith(".") for part in path.relative_to(REPORTS_DIR).parts):
+            continue
+        doc = records.load(path)
+        out.append((path.parent.parent.relative_to(REPORTS_DIR).as_posix(), path.parent, doc))
+    return out
+
+
+def _html_table(rows: list[dict], digits: int = 4) -> str:
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c), digits))}</td>" for c in cols) + "</tr>"
+                   for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return "" if v is None else str(v)
+
+
+def build_index(profile: str = "auto") -> Path:
+    """reports/index.html: one card per notebook with its headline figure, summary table, profile,
+    device and run time, linking the executed notebook's HTML."""
+    prof = profile_settings(profile)["name"]
+    cards = []
+    for key, d, doc in _collect(prof):
+        ex, summ = doc.get("execution", {}), doc.get("summary", {})
+        rel = d.relative_to(REPORTS_DIR).as_posix()
+        fig = f'<img src="{rel}/{html.escape(summ["headline"])}" alt="{key} headline figure">' \
+            if summ.get("headline") else ""
+        link = f'<a href="{rel}/{html.escape(ex["html"])}">executed notebook</a>' if ex.get("html") else ""
+        concl = "".join(f"<li>{html.escape(c)}</li>" for c in summ.get("conclusions", []))
+        meta = (f"profile <b>{html.escape(prof)}</b> · {html.escape(ex.get('device_name', '?'))} · "
+                f"run time {ex.get('wall_time_s', 0):.0f} s · commit {html.escape(_short(doc))}")
+        cards.append(f'<section class="card"><h2>{html.escape(key)}</h2><p class="meta">{meta}</p>'
+                     f"{fig}{_html_table(summ.get('table', []))}<ul>{concl}</ul><p>{link}</p></section>")
+    if not cards:
+        cards.append(f"<p>No results for profile {html.escape(prof)} yet: run <code>make reproduce</code>.</p>")
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>lrkit reports ({prof})</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2rem;max-width:1100px}}
+.card{{border:1px solid #ccc;border-radius:8px;padding:1rem;margin:1rem 0}}
+.card img{{max-width:100%}} .meta{{color:#555}} table{{border-collapse:collapse;margin:.5rem 0}}
+td,th{{border:1px solid #ddd;padding:.25rem .5rem;text-align:right}}</style></head>
+<body><h1>lrkit reports: profile {html.escape(prof)}</h1>{''.join(cards)}</body></html>"""
+    path = REPORTS_DIR / "index.html"
+    atomic_write_bytes(path, page.encode())
+    print(f"wrote {path} ({len(cards)} notebooks)")
+    return path
+
+
+def _short(doc: dict) -> str:
+    commits = {r.get("git_commit", "?") for r in doc.get("runs", {}).values()}
+    return ", ".join(c[:10] + ("+dirty" if c.endswith("+dirty") else "") for c in sorted(commits))
+
+
+def build_readme(profile: str = "cpu") -> Path:
+    """reports/README.md: the committed reference results' headline tables and figures."""
+    lines = [f"# Reference results ({profile} profile)", "",
+             "Generated by `make reproduce` (`python -m lrkit.reports readme`); do not edit by hand. "
+             "Each section is one notebook's summary, computed by the notebook from its own run.", ""]
+    for key, d, doc in _collect(profile):
+        ex, summ = doc.get("execution", {}), doc.get("summary", {})
+        rel = d.relative_to(REPORTS_DIR).as_posix()
+        lines += [f"## {key}", "",
+                  f"{ex.get('device_name', '?')}, run time {ex.get('wall_time_s', 0):.0f} s, commit {_short(doc)}.", ""]
+        rows = summ.get("table", [])
+        if rows:
+            cols = list(rows[0])
+            lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+            lines.append("")
+        lines += [f"- {c}" for c in summ.get("conclusions", [])]
+        if summ.get("headline"):
+            lines += ["", f"![{key}]({rel}/{summ['headline']})"]
+        lines.append("")
+    path = REPORTS_DIR / "README.md"
+    atomic_write_bytes(path, "\n".join(lines).encode())
+    print(f"wrote {path}")
+    return path
+
+
+# --------------------------------------------------------------------------------------------- check
+def check_reports(profile: str = "cpu", rtol: float = 0.02, ref: str = "HEAD") -> bool:
+    """Compare every run's final metrics in the working tree with the committed reference at ``ref``.
+
+    Prints one row per metric with the relative difference; returns False if any exceeds ``rtol`` or a
+    committed run is missing from the fresh results.
+    """
+    ok, rows = True, []
+    tracked = subprocess.run(["git", "ls-files", "reports"], cwd=REPO_ROOT, capture_output=True,
+                             text=True).stdout.split()
+    refs = [p for p in tracked if p.endswith(f"/{profile}/metrics.json")]
+    if not refs:
+        print(f"no committed {profile} reference results under reports/")
+        return False
+    for rel in refs:
+        committed = json.loads(subprocess.run(["git", "show", f"{ref}:{rel}"], cwd=REPO_ROOT,
+                                              capture_output=True, text=True, check=True).stdout)
+        fresh_path = REPO_ROOT / rel
+        fresh = json.loads(fresh_path.read_text()) if fresh_path.exists() else {"runs": {}}
+        for run, cdoc in committed["runs"].items():
+            fdoc = fresh["runs"].get(run)
+            for metric, cval in cdoc.get("final", {}).items():
+                if not isinstance(cval, (int, float)) or isinstance(cval, bool):
+                    continue
+                fval = None if fdoc is None else fdoc.get("final", {}).get(metric)
+                if fval is None:
+                    diff, good = float("inf"), False
+                else:
+                    diff = abs(fval - cval) / max(abs(cval), 1e-12)
+                    good = diff <= rtol
+                ok &= good
+                rows.append((rel.removesuffix("/metrics.json"), run, metric, cval, fval, diff, good))
+    print(f"{'notebook':<34} {'run':<18} {'metric':<16} {'committed':>12} {'fresh':>12} {'rel diff':>9}")
+    for nb, run, metric, cval, fval, diff, good in rows:
+        print(f"{nb:<34} {run:<18} {metric:<16} {cval:>12.6g} {_fmt(fval, 6):>12} {diff:>9.2e}"
+              f"{'' if good else '  <-- beyond rtol'}")
+    print(f"{'OK' if ok else 'DIFFERS'}: {sum(r[-1] for r in rows)}/{len(rows)} metrics within rtol={rtol}")
+    return ok
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lrkit.reports", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="execute notebooks with papermill and export them")
+    r.add_argument("notebooks", nargs="+")
+    r.add_argument("--profile", default="auto")
+    i = sub.add_parser("index", help="write reports/index.html")
+    i.add_argument("--profile", default="auto")
+    sub.add_parser("readme", help="write reports/README.md from the cpu results")
+    c = sub.add_parser("check", help="diff fresh results against the committed reference")
+    c.add_argument("--profile", default="cpu")
+    c.add_argument("--rtol", type=float, default=0.02)
+    c.add_argument("--ref", default="HEAD")
+    args = ap.parse_args(argv)
+    if args.cmd == "run":
+        for nb in args.notebooks:
+            run_notebook(nb, args.profile)
+    elif args.cmd == "index":
+        build_index(args.profile)
+    elif args.cmd == "readme":
+        build_readme("cpu")
+    elif args.cmd == "check":
+        return 0 if check_reports(args.profile, args.rtol, args.ref) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

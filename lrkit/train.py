@@ -1,0 +1,158 @@
+"""One training loop for language-model pre-training, shared by every method and baseline.
+
+Batches are random windows of the tokenized training stream drawn from a seeded generator; validation
+uses fixed, evenly spaced windows of the held-out works, so every run of a notebook sees the same data.
+Schedule: linear warm-up then cosine decay to ``min_lr_ratio`` of the peak (the GaLore recipe).
+"""
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from lrkit.records import RunResult
+from lrkit.utils import device_info, progress, resolve_device
+
+
+@dataclass
+class LMTrainConfig:
+    steps: int = 50
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 1e-3
+    warmup_frac: float = 0.1
+    min_lr_ratio: float = 0.1
+    grad_clip: float | None = 1.0
+    eval_every: int = 25
+    eval_windows: int = 64
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self):
+        for k in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"Invalid {k}: {v!r} (expected a positive int)")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"Invalid lr: {self.lr!r} (expected a finite positive number)")
+        if not 0 <= self.warmup_frac < 1:
+            raise ValueError(f"Invalid warmup_frac: {self.warmup_frac!r} (expected 0 <= x < 1)")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"Invalid min_lr_ratio: {self.min_lr_ratio!r} (expected 0 <= x <= 1)")
+
+
+def cosine_schedule(optimizer, steps: int, warmup_frac: float, min_lr_ratio: float):
+    warmup = int(warmup_frac * steps)
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress_ = (step - warmup) / max(1, steps - warmup)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress_))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def random_windows(ids: np.ndarray, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, len(ids) - seq_len - 1, (batch_size,), generator=generator)
+    return torch.stack([torch.from_numpy(ids[s: s + seq_len + 1]) for s in starts.tolist()])
+
+
+def eval_windows(ids: np.ndarray, n: int, seq_len: int) -> torch.Tensor:
+    """``n`` evenly spaced, non-overlapping windows covering the whole validation stream."""
+    n = min(n, (len(ids) - 1) // (seq_len + 1))
+    starts = np.linspace(0, len(ids) - seq_len - 1, n).astype(np.int64)
+    return torch.stack([torch.from_numpy(ids[s: s + seq_len + 1]) for s in starts])
+
+
+def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats/token)."""
+    logits = model(input_ids=batch[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def evaluate_lm(model, windows: torch.Tensor, batch_size: int, device) -> float:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i: i + batch_size].to(device)
+        total += lm_loss(model, batch).item() * len(batch)
+        count += len(batch)
+    model.train(was_training)
+    return total / count
+
+
+def train_lm(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, corpus,
+             cfg: LMTrainConfig, extra_config: dict | None = None, scheduler=None) -> RunResult:
+    """Train ``model`` on ``corpus`` (a :class:`lrkit.data.TokenizedCorpus`) and return the record.
+
+    History rows hold the step, train loss (mean since the last row), learning rate and, every
+    ``eval_every`` steps and at the end, the validation loss and perplexity.
+    """
+    device = resolve_device(cfg.device)
+    model.to(device).train()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    val = eval_windows(corpus.val, cfg.eval_windows, cfg.seq_len)
+    if scheduler is None:
+        scheduler = cosine_schedule(optimizer, cfg.steps, cfg.warmup_frac, cfg.min_lr_ratio)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    history, running, n_running = [], 0.0, 0
+    t0 = time.perf_counter()
+    bar = progress(range(1, cfg.steps + 1), desc=name, unit="step")
+    for step in bar:
+        batch = random_windows(corpus.train, cfg.batch_size, cfg.seq_len, gen).to(device)
+        loss = lm_loss(model, batch)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        loss = loss.item()
+        if not math.isfinite(loss):
+            history.append({"step": step, "train_loss": None, "lr": lr})
+            break
+        running, n_running = running + loss, n_running + 1
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            row = {"step": step, "train_loss": running / n_running, "lr": lr}
+            row["val_loss"] = evaluate_lm(model, val, cfg.batch_size, device)
+            row["val_ppl"] = math.exp(row["val_loss"])
+            history.append(row)
+            running, n_running = 0.0, 0
+            bar.set_postfix(train=f"{row['train_loss']:.3f}", val=f"{row['val_loss']:.3f}")
+    wall = time.perf_counter() - t0
+
+    last = history[-1]
+    diverged = last.get("train_loss") is None
+    final = {"val_loss": None if diverged else last["val_loss"],
+             "val_ppl": None if diverged else last["val_ppl"],
+             "train_loss": last.get("train_loss"), "diverged": diverged, "steps": step,
+             "tokens": step * cfg.batch_size * cfg.seq_len}
+    info = device_info(device)
+    return RunResult(name=name, config={**asdict(cfg), **(extra_config or {})}, seed=cfg.seed,
+                     device=info["device"], device_name=info["device_name"], history=history,
+                     final=final, wall_time_s=wall, memory=memory_figures(model, optimizer, device))
+
+
+def memory_figures(model, optimizer, device) -> dict:
+    """Bytes of parameters and optimizer state measured from the tensors themselves, and the peak
+    memory of the process (CPU: max RSS; CUDA: peak allocated)."""
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values()
+                      for t in s.values() if torch.is_tensor(t))
+    out = {"param_bytes": param_bytes, "optimizer_state_bytes": state_bytes,
+           "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    if device.type == "cuda":
+        out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
+    else:
+        out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out

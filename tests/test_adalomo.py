@@ -1,0 +1,424 @@
+"""AdaLomo and LOMO (lrkit/optim/adalomo.py, lrkit/optim/lomo.py) against a float64 reference written
+from METHODS.md section 2, against the official lomo_optim code, and for the fused-update contract."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrkit.optim.adalomo import AdaLomo, nmf_refine
+from lrkit.optim.lomo import Lomo
+
+V, D, STEPS = 11, 8, 6
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+class Tiny(nn.Module):
+    """Embedding tied to the output head (one parameter used twice), a block, a norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.block = nn.Sequential(nn.Linear(D, 16), nn.GELU(), nn.Linear(16, D))
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, V, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        return self.head(self.norm(h + self.block(h)))
+
+
+def tiny(dtype=torch.float32, device="cpu"):
+    torch.manual_seed(0)
+    m = Tiny().to(device=device, dtype=dtype)
+    with torch.no_grad():  # LayerNorm starts at exactly (1, 0): perturb so every tensor is generic
+        m.emb.weight.mul_(0.3)  # values ~ 1: fp32 rounding alone would be ~1e-7 per step
+        m.norm.weight.add_(0.1 * torch.randn(D, dtype=dtype, device=device))
+        m.norm.bias.add_(0.1 * torch.randn(D, dtype=dtype, device=device))
+    return m
+
+
+def batch(step, device="cpu"):
+    g = torch.Generator().manual_seed(step)
+    return (torch.randint(0, V, (4, 5), generator=g).to(device),
+            torch.randint(0, V, (4, 5), generator=g).to(device))
+
+
+def loss_of(model, step):
+    x, y = batch(step, model.emb.weight.device)
+    return F.cross_entropy(model(x).float().view(-1, V), y.view(-1))
+
+
+def groups(m):  # one group per "layer", for normalization="layer"
+    return [{"params": m.emb.parameters()}, {"params": m.block.parameters()}, {"params": m.norm.parameters()}]
+
+
+def train(model, opt, steps=STEPS, start=0):
+    for t in range(start, start + steps):
+        loss = loss_of(model, t)
+        if isinstance(opt, (AdaLomo, Lomo)):
+            opt.backward(loss)  # loss.backward(), plus the norm pass when fused clipping is on
+        else:
+            loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def max_diff(a, b):
+    return max((p.double() - q.double()).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+class Reference:
+    """METHODS.md section 2, written plainly in float64: one loop over parameters per step."""
+
+    def __init__(self, params, lr, weight_decay=0.0, eps1=1e-30, eps2=1e-3, d=1.0, decay_rate=-0.8,
+                 max_grad_norm=None):
+        self.params, self.lr, self.wd = list(params), lr, weight_decay
+        self.eps1, self.eps2, self.d, self.decay_rate, self.max_grad_norm = eps1, eps2, d, decay_rate, max_grad_norm
+        self.t, self.state = 0, [None] * len(self.params)
+
+    @torch.no_grad()
+    def step(self):
+        self.t += 1
+        beta2 = 1 - self.t ** self.decay_rate
+        grads = [p.grad.double() for p in self.params]
+        if self.max_grad_norm is not None:
+            total = math.sqrt(sum((G * G).sum().item() for G in grads))
+            grads = [G * min(1.0, self.max_grad_norm / (total + 1e-6)) for G in grads]
+        for i, (p, G) in enumerate(zip(self.params, grads)):
+            S = G * G + self.eps1
+            if p.dim() == 2:
+                n, m = p.shape
+                r_new = torch.tensor([sum(S[a, b] for b in range(m)) / m for a in range(n)], dtype=torch.float64)
+                c_new = torch.tensor([sum(S[a, b] for a in range(n)) / n for b in range(m)], dtype=torch.float64)
+                r, c = self.state[i] if self.state[i] is not None else (0 * r_new, 0 * c_new)
+                r, c = beta2 * r + (1 - beta2) * r_new, beta2 * c + (1 - beta2) * c_new
+                self.state[i] = (r, c)
+                V_hat = torch.outer(r, c) / r.mean()
+            else:
+                v = self.state[i] if self.state[i] is not None else 0 * S
+                self.state[i] = V_hat = beta2 * v + (1 - beta2) * S
+            U = G / V_hat.sqrt()
+            rms = lambda x: math.sqrt((x * x).mean().item())
+            U_hat = U / max(1.0, rms(U) / self.d)
+            eta = self.lr * max(self.eps2, rms(p.double()))
+            p.copy_(p.double() * (1 - eta * self.wd) - eta * U_hat)
+
+
+def run_reference(steps=STEPS, **kw):
+    ref = tiny(torch.float64)
+    opt = Reference(ref.parameters(), **kw)
+    for t in range(steps):
+        loss_of(ref, t).backward()
+        opt.step()
+        ref.zero_grad()
+    return ref
+
+
+# ---- correctness ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("max_grad_norm", [None, 0.5])
+def test_matches_float64_reference(fused, max_grad_norm):
+    model = tiny()
+    opt = AdaLomo(model.parameters(), lr=0.05, weight_decay=0.1, fused=fused, max_grad_norm=max_grad_norm)
+    train(model, opt)
+    ref = run_reference(lr=0.05, weight_decay=0.1, max_grad_norm=max_grad_norm)
+    err = max_diff(model, ref)
+    print(f"max |kit - float64 reference| = {err:.2e}")
+    assert err < 1e-6
+    assert max_diff(model, tiny()) > 1e-2  # and it did move
+
+
+def _official(model, monkeypatch=None):
+    if monkeypatch is not None:  # the official code hard-codes .cuda(): make it a no-op on CPU
+        monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    from lomo_optim import AdaLomo as OfficialAdaLomo
+    return OfficialAdaLomo(model, lr=0.05, weight_decay=0.1)
+
+
+def _compare_official(device, monkeypatch=None):
+    ours, theirs = tiny(device=device), tiny(device=device)  # tied weights included
+    opt, off = AdaLomo(ours.parameters(), lr=0.05, weight_decay=0.1), _official(theirs, monkeypatch)
+    for t in range(STEPS):
+        loss_of(ours, t).backward()
+        opt.step()
+        off.fused_backward(loss_of(theirs, t), 0.05)
+    return max_diff(ours, theirs)
+
+
+def test_matches_official_on_cpu(monkeypatch):
+    err = _compare_official("cpu", monkeypatch)
+    print(f"max |kit - lomo_optim.AdaLomo| = {err:.2e}")
+    assert err < 1e-6
+
+
+@pytest.mark.cuda
+@cuda
+def test_matches_official_on_cuda():
+    assert _compare_official("cuda") < 1e-6
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_runs_and_matches_cpu():
+    m_cpu, m_gpu = tiny(), tiny(device="cuda")
+    train(m_cpu, AdaLomo(m_cpu.parameters(), lr=0.05))
+    train(m_gpu, AdaLomo(m_gpu.parameters(), lr=0.05))
+    assert max_diff(m_cpu, m_gpu.cpu()) < 1e-5
+
+
+def test_bf16_weights_get_fp32_update_rounded_once():
+    model, twin = tiny(torch.bfloat16), tiny(torch.bfloat16)
+    opt = AdaLomo(model.parameters(), lr=0.05)
+    loss_of(model, 0).backward()
+    opt.step()
+    loss_of(twin, 0).backward()  # the same bf16 gradients, kept for the reference
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert p.dtype == torch.bfloat16
+        G, theta = q.grad.double(), q.double()
+        S = G * G + 1e-30
+        V_hat = torch.outer(S.mean(1), S.mean(0)) / S.mean() if p.dim() == 2 else S
+        U = G / V_hat.sqrt()
+        U = U / max(1.0, U.pow(2).mean().sqrt().item())
+        expected = theta - 0.05 * max(1e-3, theta.pow(2).mean().sqrt().item()) * U
+        torch.testing.assert_close(p.double(), expected.to(torch.bfloat16).double(), rtol=2**-7, atol=1e-6)
+        assert not torch.equal(p, q)
+
+
+# ---- fused machinery ------------------------------------------------------------------------------
+VARIANTS = [("grouped", "nmf", 1), ("none", "nmf", 1), ("global", "nmf", 1), ("layer", "nmf", 1),
+            ("grouped", "nmf", 2), ("grouped", "svd", 2), ("grouped", "qr", 4), ("grouped", "full", 1)]
+
+
+@pytest.mark.parametrize("normalization,second_moment,factor_rank", VARIANTS)
+def test_fused_equals_unfused(normalization, second_moment, factor_rank):
+    kw = dict(lr=0.05, normalization=normalization, second_moment=second_moment, factor_rank=factor_rank)
+    a, b = tiny(), tiny()
+    train(a, AdaLomo(groups(a), fused=True, **kw))
+    train(b, AdaLomo(groups(b), fused=False, **kw))
+    assert max_diff(a, b) < 1e-6
+    assert all(torch.isfinite(p).all() for p in a.parameters()) and max_diff(a, tiny()) > 1e-2
+
+
+def test_layer_with_one_tensor_per_group_is_grouped():
+    a, b = tiny(), tiny()
+    train(a, AdaLomo([{"params": [p]} for p in a.parameters()], lr=0.05, normalization="layer"))
+    train(b, AdaLomo(b.parameters(), lr=0.05))
+    assert max_diff(a, b) < 1e-7
+
+
+def test_fused_frees_every_grad_and_tied_weight_updates_once():
+    model = tiny()
+    opt = AdaLomo(model.parameters(), lr=0.05)
+    calls = {}
+    real = opt._on_grad
+    opt._on_grad = lambda p: (calls.__setitem__(id(p), calls.get(id(p), 0) + 1), real(p))
+    loss_of(model, 0).backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert sorted(calls.values()) == [1] * len(list(model.parameters()))  # tied weight: one hook call
+    opt.step()
+    assert all(opt.state[p]["step"] == 1 for p in model.parameters())
+
+
+def test_new_fused_optimizer_takes_over_the_hooks():
+    model = tiny()
+    old = AdaLomo(model.parameters(), lr=0.05)
+    with pytest.warns(UserWarning, match="takes over"):
+        new = AdaLomo(model.parameters(), lr=0.05)
+    train(model, new, steps=1)
+    assert not old.state and len(new.state) == len(list(model.parameters()))
+
+
+def test_gradient_accumulation_in_fused_mode_raises():
+    model = tiny()
+    opt = AdaLomo(model.parameters())
+    loss_of(model, 0).backward()
+    with pytest.raises(RuntimeError, match="fused=False"):
+        loss_of(model, 1).backward()
+
+
+def test_unfused_accumulation_equals_summed_loss():
+    a, b = tiny(), tiny()
+    oa, ob = AdaLomo(a.parameters(), lr=0.05, fused=False), AdaLomo(b.parameters(), lr=0.05, fused=False)
+    loss_of(a, 0).backward()
+    loss_of(a, 1).backward()
+    (loss_of(b, 0) + loss_of(b, 1)).backward()
+    oa.step()
+    ob.step()
+    assert max_diff(a, b) < 1e-6
+
+
+def test_clipping_two_pass_and_no_stale_coefficient():
+    model = tiny()
+    opt = AdaLomo(model.parameters(), lr=0.05, max_grad_norm=0.5)
+    with pytest.raises(RuntimeError, match="grad_norm_pass"):  # no norm pass: refuse, update nothing
+        loss_of(model, 0).backward()
+    assert max_diff(model, tiny()) == 0
+    opt.zero_grad()
+    opt.backward(loss_of(model, 0))  # pass 1 (norms) + pass 2 (update)
+    opt.step()
+    with pytest.raises(RuntimeError, match="grad_norm_pass"):  # last step's coefficient is gone
+        loss_of(model, 1).backward()
+    with pytest.raises(RuntimeError, match="fused=True"):
+        with AdaLomo(tiny().parameters(), fused=False, max_grad_norm=1.0).grad_norm_pass():
+            pass
+
+
+def test_paused_updates_nothing_and_leaves_grads():
+    model = tiny()
+    opt = AdaLomo(model.parameters(), lr=0.05)
+    model.eval()
+    with opt.paused():
+        loss_of(model, 0).backward()
+    assert max_diff(model, tiny()) == 0 and all(p.grad is not None for p in model.parameters())
+    opt.zero_grad()
+    model.train()
+    train(model, opt, steps=1)
+    assert max_diff(model, tiny()) > 0
+
+
+def test_step_applies_grads_whose_hook_did_not_fire():
+    a, b = tiny(), tiny()
+    oa, ob = AdaLomo(a.parameters(), lr=0.05), AdaLomo(b.parameters(), lr=0.05, fused=False)
+    with oa.paused():
+        loss_of(a, 0).backward()
+    loss_of(b, 0).backward()
+    oa.step()
+    ob.step()
+    assert max_diff(a, b) == 0 and all(p.grad is None for p in a.parameters())
+
+
+def test_lr_scheduler_sets_the_lr_used_inside_backward():
+    model = tiny()
+    opt = AdaLomo(model.parameters(), lr=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s == 0 else 0.0)
+    train(model, opt, steps=1)
+    sched.step()
+    after_one = copy.deepcopy(model)
+    assert max_diff(after_one, tiny()) > 0
+    train(model, opt, steps=2, start=1)
+    assert max_diff(model, after_one) == 0 and opt.state[model.emb.weight]["step"] == 3
+
+
+@pytest.mark.parametrize("second_moment,factor_rank", [("nmf", 1), ("nmf", 2), ("svd", 2), ("qr", 2), ("full", 1)])
+def test_state_dict_round_trip_continues_identically(second_moment, factor_rank):
+    kw = dict(lr=0.05, second_moment=second_moment, factor_rank=factor_rank)
+    model = tiny()
+    opt = AdaLomo(model.parameters(), **kw)
+    train(model, opt, steps=3)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    for s in saved_opt["state"].values():
+        assert all(isinstance(v, (torch.Tensor, int, float)) for v in s.values())
+    train(model, opt, steps=3, start=3)
+    opt.remove_hooks()
+
+    resumed = tiny()
+    resumed.load_state_dict(saved_model)
+    opt2 = AdaLomo(resumed.parameters(), **kw)
+    opt2.load_state_dict(saved_opt)
+    train(resumed, opt2, steps=3, start=3)
+    assert max_diff(model, resumed) == 0
+
+
+@pytest.mark.parametrize("second_moment,factor_rank", [("nmf", 4), ("qr", 2)])
+def test_deterministic(second_moment, factor_rank):
+    a, b = tiny(), tiny()
+    for m in (a, b):
+        train(m, AdaLomo(m.parameters(), lr=0.05, second_moment=second_moment, factor_rank=factor_rank))
+    assert max_diff(a, b) == 0
+
+
+def test_conv_weight_factored_over_last_two_dims():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3)
+    opt = AdaLomo(conv.parameters(), lr=0.05)
+    conv(torch.randn(2, 2, 5, 5)).square().mean().backward()
+    opt.step()
+    st = opt.state[conv.weight]
+    assert st["r"].shape == (3, 2, 3) and st["c"].shape == (3, 2, 3)
+    assert torch.isfinite(conv.weight).all()
+
+
+# ---- ablation knobs ---------------------------------------------------------------------------------
+def test_rank1_nmf_reduces_to_closed_form():
+    torch.manual_seed(0)
+    n, m = 5, 7
+    A, B = torch.rand(n, 1) + 0.5, torch.rand(m, 1) + 0.5  # any positive start
+    r, c = torch.zeros(n, dtype=torch.float64), torch.zeros(m, dtype=torch.float64)
+    for t in range(1, 7):
+        beta2 = 1 - t ** -0.8
+        S = torch.randn(n, m).square() + 1e-30
+        r = beta2 * r + (1 - beta2) * S.double().mean(1)
+        c = beta2 * c + (1 - beta2) * S.double().mean(0)
+        A, B = nmf_refine(beta2 * A @ B.T + (1 - beta2) * S, A, B, iters=1)
+        torch.testing.assert_close((A @ B.T).double(), torch.outer(r, c) / r.mean(), rtol=1e-5, atol=0)
+
+
+def test_memory_accounting():
+    sizes = {}
+    for kind, k in [("nmf", 1), ("nmf", 2), ("svd", 2), ("qr", 2), ("full", 1)]:
+        model = tiny()
+        opt = AdaLomo(model.parameters(), second_moment=kind, factor_rank=k)
+        predicted = opt.persistent_state_bytes()
+        train(model, opt, steps=1)
+        actual = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+                     if isinstance(v, torch.Tensor))
+        assert predicted == actual
+        sizes[kind, k] = (predicted, opt.transient_peak_bytes())
+    assert sizes["nmf", 1][0] < sizes["nmf", 2][0] < sizes["full", 1][0]
+    assert sizes["nmf", 1][1] < sizes["nmf", 2][1] <= sizes["svd", 2][1]
+    biggest = max(p.numel() for p in tiny().parameters())
+    assert sizes["nmf", 1][1] == 4 * 2 * biggest  # G and U of the largest tensor
+
+
+# ---- validation -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs", [
+    dict(lr=-1.0), dict(eps=(1e-30,)), dict(eps=(-1.0, 1e-3)), dict(clip_threshold=0.0),
+    dict(decay_rate=0.5), dict(weight_decay=-0.1), dict(normalization="batch"),
+    dict(second_moment="adam"), dict(factor_rank=0), dict(second_moment="full", factor_rank=2),
+    dict(max_grad_norm=0.0), dict(fused="yes"), dict(nmf_iters=0), dict(seed=-1),
+])
+def test_invalid_arguments(kwargs):
+    with pytest.raises(ValueError, match="Invalid"):
+        AdaLomo(tiny().parameters(), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(lr=-1.0), dict(weight_decay=-1.0), dict(max_grad_norm=-1.0)])
+def test_lomo_invalid_arguments(kwargs):
+    with pytest.raises(ValueError, match="Invalid"):
+        Lomo(tiny().parameters(), **kwargs)
+
+
+# ---- LOMO baseline -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("fused", [True, False])
+def test_lomo_equals_sgd_with_scheduler(fused):
+    a, b = tiny(), tiny()
+    oa = Lomo(a.parameters(), lr=0.1, weight_decay=0.01, fused=fused)
+    ob = torch.optim.SGD(b.parameters(), lr=0.1, weight_decay=0.01)
+    sa, sb = (torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (oa, ob))
+    for t in range(STEPS):
+        loss_of(a, t).backward()
+        if fused:
+            assert all(p.grad is None for p in a.parameters())
+        loss_of(b, t).backward()
+        for o, s in ((oa, sa), (ob, sb)):
+            o.step()
+            o.zero_grad()
+            s.step()
+    assert max_diff(a, b) < 1e-6
+
+
+def test_lomo_clipping_matches_torch_clip():
+    a, b = tiny(), tiny()
+    oa, ob = Lomo(a.parameters(), lr=0.1, max_grad_norm=0.3), torch.optim.SGD(b.parameters(), lr=0.1)
+    for t in range(3):
+        oa.backward(loss_of(a, t))
+        oa.step()
+        loss_of(b, t).backward()
+        torch.nn.utils.clip_grad_norm_(b.parameters(), 0.3)
+        ob.step()
+        ob.zero_grad()
+    assert max_diff(a, b) < 1e-6

@@ -1,0 +1,124 @@
+"""Data layer: registry, checksums, the offline sources (as fetched by `make data`), online loaders on
+fixture files of the real formats, and clear errors offline."""
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lrkit import data
+from lrkit.data import ChecksumError, DataUnavailableError
+from lrkit.data._fetch import verify
+from lrkit.data.text import load_c4, read_c4_shard
+from lrkit.data.vision import FASHION_DEBIAN_DIR, load_cifar10, read_idx
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_registry_lists_every_source_and_rejects_unknown_names():
+    assert {"shakespeare", "fashion_mnist", "tweets_sentiment", "minilm", "least_squares", "c4",
+            "cifar10"} <= set(data.REGISTRY)
+    with pytest.raises(ValueError, match="Invalid dataset: 'mnist'.*expected one of"):
+        data.load("mnist")
+
+
+def test_checksum_mismatch_is_an_error_and_keeps_the_file(tmp_path):
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"not the release")
+    with pytest.raises(ChecksumError, match="sha256 is .* expected 00"):
+        verify(f, "00" * 32)
+    assert f.read_bytes() == b"not the release"
+
+
+def test_shakespeare_is_split_by_work_and_tokenized():
+    c = data.load("shakespeare", vocab_size=4096)
+    assert not set(c.train_works) & set(c.val_works)
+    assert len(c.train_works) + len(c.val_works) == 42 and len(c.val_works) == 6
+    assert c.train.max() < 4096 and c.val.max() < 4096 and len(c.train) > 5 * len(c.val)
+    assert c.tokenizer.get_vocab_size() == 4096
+    # Round trip through the byte-level BPE is lossless.
+    text = "To be, or not to be, that is the question:"
+    assert c.tokenizer.decode(c.tokenizer.encode(text).ids) == text
+    # The baseline is the entropy of the validation unigram distribution.
+    p = np.bincount(c.val, minlength=4096) / len(c.val)
+    p = p[p > 0]
+    assert c.unigram_entropy() == pytest.approx(-(p * np.log(p)).sum())
+    with pytest.raises(ValueError, match="Invalid vocab_size: 100"):
+        data.load("shakespeare", vocab_size=100)
+
+
+@pytest.mark.skipif(not FASHION_DEBIAN_DIR.exists(), reason="Debian package dataset-fashion-mnist not installed")
+def test_fashion_mnist_from_debian():
+    d = data.load("fashion_mnist")
+    assert d["x_train"].shape == (60000, 28, 28) and d["x_test"].shape == (10000, 28, 28)
+    assert d["x_train"].dtype == np.uint8
+    assert np.bincount(d["y_train"]).tolist() == [6000] * 10
+
+
+def test_fashion_mnist_missing_offline_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr("lrkit.data.vision.FASHION_DEBIAN_DIR", tmp_path / "none")
+    with pytest.raises(DataUnavailableError, match="apt-get install dataset-fashion-mnist"):
+        data.REGISTRY["fashion_mnist"].loader(tmp_path, online=False)
+
+
+def test_idx_reader(tmp_path):
+    arr = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    raw = b"\x00\x00\x08\x03" + b"".join(int(n).to_bytes(4, "big") for n in arr.shape) + arr.tobytes()
+    (tmp_path / "a.gz").write_bytes(gzip.compress(raw))
+    np.testing.assert_array_equal(read_idx(tmp_path / "a.gz"), arr)
+
+
+def test_tweets_binary_and_three_way():
+    d = data.load("tweets_sentiment", binary=True)
+    n = len(d["train"]["text"]) + len(d["test"]["text"])
+    assert d["labels"] == ["negative", "positive"] and set(np.unique(d["train"]["label"])) == {0, 1}
+    d3 = data.load("tweets_sentiment", binary=False)
+    assert len(d3["train"]["text"]) + len(d3["test"]["text"]) == 38158 > n
+    assert data.load("tweets_sentiment", seed=0)["test"]["text"][:5] == d["test"]["text"][:5]
+
+
+def test_minilm_loads_offline_by_path():
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = data.load("minilm")
+    cfg = AutoConfig.from_pretrained(path)
+    assert cfg.num_hidden_layers == 6 and cfg.hidden_size == 384
+    assert AutoTokenizer.from_pretrained(path)("hello world")["input_ids"][0] == 101  # [CLS]
+
+
+def test_c4_loader_on_a_fixture_shard():
+    shard = FIXTURES / "c4-validation.00000-of-00008.json.gz"
+    assert set(read_c4_shard(shard)[0]) == {"text", "timestamp", "url"}
+    blocks = list(load_c4("validation", data_files=[shard], tokenizer=lambda s: [len(w) for w in s.split()],
+                          seq_len=8, limit=5))
+    assert len(blocks) == 5 and all(b.shape == (8,) for b in blocks)
+    assert blocks[0][:2].tolist() == [8, 2]  # "Document 0." -> word lengths
+
+
+def test_c4_offline_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataUnavailableError, match="needs internet.*'cpu' or 'smoke' profile"):
+        next(load_c4("validation"))
+
+
+def test_cifar10_loader_on_a_fixture_archive(tmp_path):
+    d = load_cifar10(tmp_path, archive=FIXTURES / "cifar-10-python.tar.gz")
+    assert d["x_train"].shape == (10, 32, 32, 3) and d["x_test"].shape == (2, 32, 32, 3)
+    assert d["y_train"].dtype == np.int64 and d["y_train"].max() < 10
+
+
+def test_cifar10_offline_says_what_to_do(tmp_path, monkeypatch):
+    def no_network(*a, **k):
+        raise OSError("network unreachable")
+    monkeypatch.setattr("urllib.request.urlopen", no_network)
+    with pytest.raises(DataUnavailableError, match="CIFAR-10 needs internet.*'cpu' profile"):
+        load_cifar10(tmp_path)
+    assert not any(tmp_path.rglob("*.part")), "a failed download must not leave a partial file"
+
+
+def test_least_squares_is_seeded_and_low_rank():
+    a = data.load("least_squares", n=8, rank=2, num_clients=3, seed=1)
+    b = data.load("least_squares", n=8, rank=2, num_clients=3, seed=1)
+    assert len(a["clients"]) == 3 and all((x == y).all() for (x, _), (y, _) in zip(a["clients"], b["clients"]))
+    assert int(np.linalg.matrix_rank(a["W_star"].numpy(), tol=1e-5)) == 2

@@ -1,0 +1,281 @@
+"""FeDLRT core (lrkit/fed): augment/truncate algebra, exactness against a centralised reference,
+communication accounting against METHODS.md section 3, partitions, determinism, and the least-squares
+variance-correction experiment of arXiv 2406.17887 Sec. 4.1 at a tiny size."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from lrkit.fed import fedlrt, partition
+from lrkit.fed.fedlrt import augment, augmented_coefficients, truncate
+from lrkit.fed.layers import LowRankConv2d, LowRankLinear, low_rank_layers, to_low_rank
+from lrkit.fed.problems import least_squares
+from lrkit.fed.simulate import run_fedavg, run_fedlin, run_fedlrt
+
+torch.set_num_threads(1)
+
+
+def _orth(n, r, seed):
+    return torch.linalg.qr(torch.randn(n, r, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))[0]
+
+
+def _comm(rec):
+    return {k: rec[k] for k in ("floats_down", "floats_up", "bytes_down", "bytes_up")}
+
+
+# ---------------------------------------------------------------------------------------- layers
+
+def test_layers_match_dense_and_from_dense_is_svd():
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 7)
+    lr = LowRankLinear.from_dense(lin, rank=7)  # full rank: exact
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(lr(x), lin(x), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(lr.U.T @ lr.U, torch.eye(7), atol=1e-5)
+    conv = nn.Conv2d(3, 6, 3, padding=1, stride=2)
+    lc = LowRankConv2d.from_dense(conv, rank=27)  # min(6, 3*3*3) = 6: rank clamped, still exact
+    assert lc.rank == 6
+    xi = torch.randn(2, 3, 9, 9)
+    torch.testing.assert_close(lc(xi), conv(xi), atol=1e-5, rtol=1e-5)
+    # scratch init: seeded, orthonormal
+    a, b = LowRankLinear(10, 8, 3, seed=1), LowRankLinear(10, 8, 3, seed=1)
+    assert torch.equal(a.U, b.U) and torch.allclose(a.V.T @ a.V, torch.eye(3), atol=1e-6)
+    with pytest.raises(ValueError, match="rank"):
+        LowRankLinear(10, 8, 5, r_max=4)
+
+
+def test_to_low_rank_converts_all_but_excluded():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 10), nn.Linear(10, 3))
+    model = to_low_rank(model, rank=2, exclude=["4"])
+    assert list(low_rank_layers(model)) == ["0", "3"] and isinstance(model[4], nn.Linear)
+    assert model(torch.randn(2, 3, 6, 6)).shape == (2, 3)
+    with pytest.raises(ValueError, match="exclude"):
+        to_low_rank(model, 2, exclude=["nope"])
+
+
+# ---------------------------------------------------------------------------------------- augment / truncate
+
+@pytest.mark.parametrize("n,r,G_kind", [(10, 3, "random"), (5, 3, "random"), (10, 3, "zero"), (10, 3, "in_span")])
+def test_augment_orthonormal_and_contains_old_span(n, r, G_kind):
+    U = _orth(n, r, 0)
+    G = {"random": torch.randn(n, r, dtype=torch.float64), "zero": torch.zeros(n, r, dtype=torch.float64),
+         "in_span": U @ torch.randn(r, r, dtype=torch.float64)}[G_kind]
+    U_bar = augment(U, G)
+    assert U_bar.shape == (n, min(r, n - r))  # 2r > n: clamped to n columns in all
+    U_tilde = torch.cat([U, U_bar], 1)
+    torch.testing.assert_close(U_tilde.T @ U_tilde, torch.eye(U_tilde.shape[1], dtype=torch.float64))
+    torch.testing.assert_close(U_tilde @ (U_tilde.T @ U), U)  # span(U) inside span(U_tilde)
+    if G_kind == "random":  # and the gradient directions too
+        torch.testing.assert_close(U_tilde @ (U_tilde.T @ G), G)
+
+
+def test_augmentation_alone_keeps_the_function():
+    torch.manual_seed(0)
+    model = to_low_rank(nn.Sequential(nn.Linear(9, 8), nn.Tanh(), nn.Linear(8, 4)), rank=3)
+    X, y = torch.randn(20, 9), torch.randint(0, 4, (20,))
+    state = fedlrt.global_state(model)
+    G = fedlrt.client_basis_gradients(model, state, (X, y), nn.functional.cross_entropy)
+    bars = fedlrt.server_augment(state, G, low_rank_layers(model))
+    aug = fedlrt._augmented_state(model, state | bars)
+    assert aug["0.S"].shape == (6, 6)
+    torch.testing.assert_close(functional_call(model, aug, (X,)), functional_call(model, state, (X,)))
+
+
+def test_truncate_tau_zero_returns_same_W_and_tau_picks_rank():
+    U, V, S = _orth(10, 3, 1), _orth(8, 3, 2), torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+    U_bar, V_bar = augment(U, torch.randn(10, 3, dtype=torch.float64)), augment(V, torch.randn(8, 3, dtype=torch.float64))
+    U_t, V_t = torch.cat([U, U_bar], 1), torch.cat([V, V_bar], 1)
+    S_t = augmented_coefficients(S, 3, 3)
+    U1, S1, V1 = truncate(U_t, S_t, V_t, tau=0.0, r_min=1, r_max=6)
+    torch.testing.assert_close(U1 @ S1 @ V1.T, U @ S @ V.T)
+    assert S1.shape == (3, 3)  # the exact zeros of S_tilde are dropped
+    # sigma = (3, 2, 1): ||(1)|| / ||sigma|| = 0.267, ||(2, 1)|| / ||sigma|| = 0.598
+    assert truncate(U_t, S_t, V_t, tau=0.3)[1].shape == (2, 2)
+    assert truncate(U_t, S_t, V_t, tau=0.6)[1].shape == (1, 1)
+    assert truncate(U_t, S_t, V_t, tau=0.6, r_min=2)[1].shape == (2, 2)  # clamped to [r_min, r_max]
+    assert truncate(U_t, S_t, V_t, tau=0.0, r_max=2)[1].shape == (2, 2)
+
+
+def test_aggregate_weighted_mean():
+    a, b = {"x": torch.tensor([0.0, 2.0])}, {"x": torch.tensor([4.0, 2.0])}
+    torch.testing.assert_close(fedlrt.aggregate([a, b])["x"], torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(fedlrt.aggregate([a, b], [3, 1])["x"], torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="weights"):
+        fedlrt.aggregate([a, b], [1])
+
+
+# ---------------------------------------------------------------------------------------- exactness
+
+def _centralised_round(U, S, V, X, Y, lr, steps, tau, r_max):
+    """Reference: the same round written as plain tensor maths on the pooled data (no lrkit helpers
+    except truncate's SVD). W = U S V^T, loss = mean((X W^T - Y)^2)."""
+    loss = lambda U_, S_, V_: ((X @ (U_ @ S_ @ V_.T).T - Y) ** 2).mean()
+    Ul, Vl = U.clone().requires_grad_(), V.clone().requires_grad_()
+    G_U, G_V = torch.autograd.grad(loss(Ul, S, Vl), [Ul, Vl])
+    U_t = torch.linalg.qr(torch.cat([U, G_U], 1))[0]  # span([U | G_U]); any orthonormal basis of it will do
+    V_t = torch.linalg.qr(torch.cat([V, G_V], 1))[0]
+    S_t = (U_t.T @ U @ S @ V.T @ V_t).requires_grad_()
+    for _ in range(steps):
+        (g,) = torch.autograd.grad(loss(U_t, S_t, V_t), [S_t])
+        S_t = (S_t - lr * g).detach().requires_grad_()
+    return truncate(U_t, S_t.detach(), V_t, tau, 1, r_max)
+
+
+@pytest.mark.parametrize("n_clients,steps", [(1, 5), (3, 1)])
+def test_full_correction_equals_centralised(n_clients, steps):
+    """One client: nothing to correct, the round is the centralised one. Three equal clients and one local
+    step: the corrected step is lr * (grad L_c + grad L - grad L_c) = lr * grad L, again centralised."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        P = least_squares(n=8, rank=2, num_clients=3, samples_per_client=10, seed=3)
+        clients = [(X.double(), Y.double()) for X, Y in P["clients"]][:n_clients]
+        model_fn = lambda: LowRankLinear(8, 8, rank=2, bias=False, seed=5)
+        res = run_fedlrt(model_fn, clients, rounds=1, lr=0.05, local_steps=steps, variance_correction="full",
+                         tau=0.0)  # the layer's r_max defaults to min(n_out, n_in) = 8
+        m0 = model_fn()
+        X, Y = torch.cat([c[0] for c in clients]), torch.cat([c[1] for c in clients])
+        U, S, V = _centralised_round(m0.U, m0.S.detach(), m0.V, X, Y, 0.05, steps, 0.0, 8)
+        torch.testing.assert_close(res["model"].weight_matrix(), U @ S @ V.T)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------- accounting
+
+N, R = 16, 2
+
+
+def _one_layer_run(vc, dynamic=True, **kw):
+    g = torch.Generator().manual_seed(0)
+    clients = [(torch.randn(6, N, generator=g), torch.randn(6, N, generator=g)) for _ in range(2)]
+    res = run_fedlrt(lambda: LowRankLinear(N, N, R, bias=False, r_max=R), clients, rounds=2, lr=0.01,
+                     variance_correction=vc, dynamic_rank=dynamic, tau=0.0, **kw)
+    h = res["history"]
+    assert set(res["state"]) == {"U", "S", "V"} and h[2]["ranks"] == {"": R}  # nothing else leaks into the state
+    assert _comm(h[2]) == _comm(h[1])  # same rank, same traffic
+    return h[1]
+
+
+@pytest.mark.parametrize("vc,down,up", [
+    ("none", 2 * N * R + R**2 + 2 * N * R, 2 * N * R + 4 * R**2),
+    ("full", 2 * N * R + R**2 + 2 * N * R + 4 * R**2, 2 * N * R + 4 * R**2 + 4 * R**2),
+    ("simplified", 2 * N * R + R**2 + 2 * N * R + R**2, 2 * N * R + R**2 + 4 * R**2),  # kit's reading: +r^2 each way
+])
+def test_fedlrt_accounting_matches_methods_formulas(vc, down, up):
+    rec = _one_layer_run(vc)
+    # U_bar, V_bar have r new columns each (not 2r): 2nr down, and S_tilde is 2r x 2r = 4r^2 up
+    assert rec["floats_down"] == {0: down, 1: down} and rec["floats_up"] == {0: up, 1: up}
+    assert rec["bytes_down"] == {0: 4 * down, 1: 4 * down}  # float32
+    r2 = 2 * R  # client FLOPs: one gradient at rank r, one local step at rank 2r (3 x forward, 6 samples)
+    extra = 3 * 6 * 2 * (2 * N * r2 + r2**2) if vc == "full" else 0
+    assert rec["flops"][0] == 3 * 6 * 2 * (2 * N * R + R**2) + 3 * 6 * 2 * (2 * N * r2 + r2**2) + extra
+
+
+def test_fixed_rank_and_dense_baselines_accounting():
+    rec = _one_layer_run("none", dynamic=False)
+    assert rec["floats_down"][0] == 2 * N * R + R**2 and rec["floats_up"][0] == R**2 and rec["ranks"] == {"": R}
+    g = torch.Generator().manual_seed(0)
+    clients = [(torch.randn(6, N, generator=g), torch.randn(6, N, generator=g)) for _ in range(2)]
+    dense = lambda: nn.Linear(N, N, bias=False)
+    avg = run_fedavg(dense, clients, rounds=2, lr=0.01)["history"]
+    lin = run_fedlin(dense, clients, rounds=2, lr=0.01)["history"]
+    assert avg[1]["floats_down"][0] == N * N and avg[1]["floats_up"][0] == N * N
+    assert lin[1]["floats_down"][0] == 2 * N * N and lin[1]["floats_up"][0] == 2 * N * N
+    assert avg[1]["flops"][0] == 3 * 6 * 2 * N * N and lin[1]["flops"][0] == 2 * 3 * 6 * 2 * N * N
+    assert avg[-1]["loss"] < avg[0]["loss"] and lin[-1]["loss"] < lin[0]["loss"]
+
+
+# ---------------------------------------------------------------------------------------- simulator
+
+def _mlp():
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _classification_clients(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(90, 6, generator=g)
+    y = (X[:, :3].argmax(1))
+    parts = partition.dirichlet(y.numpy(), 3, alpha=0.5, seed=seed)
+    return [(X[p], y[p]) for p in parts]
+
+
+def test_determinism_and_partial_participation():
+    clients = _classification_clients()
+    kw = dict(rounds=3, lr=0.2, local_steps=3, initial_rank=3, exclude=["2"], client_fraction=0.67,
+              batch_size=8, seed=4, variance_correction="simplified")
+    h1, h2 = run_fedlrt(_mlp, clients, **kw)["history"], run_fedlrt(_mlp, clients, **kw)["history"]
+    strip = lambda h: [{k: v for k, v in rec.items() if k != "wall_time"} for rec in h]
+    assert strip(h1) == strip(h2)
+    assert all(len(rec["clients"]) == 2 for rec in h1[1:]) and h1[-1]["accuracy"] is not None
+    assert set(h1[1]["wall_time"]) == set(h1[1]["clients"])
+    h3 = run_fedlrt(_mlp, clients, **(kw | {"seed": 5}))["history"]
+    assert strip(h3) != strip(h1)
+
+
+def test_conv_model_runs_and_counts_positions():
+    g = torch.Generator().manual_seed(0)
+    clients = [(torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 2, (8,), generator=g)) for _ in range(2)]
+    net = lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2))
+    rec = run_fedlrt(net, clients, 1, lr=0.1, initial_rank=2, exclude=["3"], tau=0.0, r_max=2)["history"][1]
+    assert rec["ranks"] == {"0": 2}
+    fwd = lambda r: 2 * 16 * (27 * r + r * r + r * 4) + 2 * 64 * 2  # 16 output positions; dense head
+    # basis gradients at rank 2; "full" correction gradient and one local step at the augmented rank 4
+    assert rec["flops"][0] == 3 * 8 * fwd(2) + 2 * 3 * 8 * fwd(4)
+
+
+def test_knob_validation():
+    clients = _classification_clients()
+    for bad, match in [({"variance_correction": "partial"}, "variance_correction"), ({"tau": 1.5}, "tau"),
+                       ({"local_steps": 0}, "local_steps"), ({"optimizer": "lion"}, "optimizer"),
+                       ({"client_fraction": 0.0}, "client_fraction"), ({"initial_rank": None}, "initial_rank")]:
+        kw = {"initial_rank": 2} | bad
+        with pytest.raises(ValueError, match=match):
+            run_fedlrt(_mlp, clients, 1, **kw)
+
+
+# ---------------------------------------------------------------------------------------- partitions
+
+@pytest.mark.parametrize("split", [
+    lambda y, s: partition.iid(y, 5, seed=s),
+    lambda y, s: partition.dirichlet(y, 5, alpha=0.3, seed=s),
+    lambda y, s: partition.k_classes(y, 5, k=2, seed=s),
+])
+def test_partitions_cover_once_and_reproduce(split):
+    y = np.random.default_rng(0).integers(0, 4, 200)
+    a, b, c = split(y, 1), split(y, 1), split(y, 2)
+    assert all(np.array_equal(p, q) for p, q in zip(a, b))
+    assert not all(np.array_equal(p, q) for p, q in zip(a, c))
+    assert np.array_equal(np.sort(np.concatenate(a)), np.arange(200))
+
+
+def test_partition_contents_and_errors():
+    y = np.repeat(np.arange(4), 25)
+    parts = partition.k_classes(y, 4, k=1, seed=0)
+    assert sorted(len(np.unique(y[p])) for p in parts) == [1, 1, 1, 1]
+    for call, match in [(lambda: partition.iid(y, 0), "num_clients"), (lambda: partition.dirichlet(y, 2, 0), "alpha"),
+                        (lambda: partition.k_classes(y, 2, k=1), "k"), (lambda: partition.iid([], 1), "labels")]:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+# ---------------------------------------------------------------------------------------- least squares
+
+LS = dict(n=8, rank=2, num_clients=4, samples_per_client=10, heterogeneity=0.5, noise=1.0, seed=0)
+# lr near the corrected method's stability limit (lr * local_steps * largest client curvature ~ 6): there the
+# uncorrected drift is large, while the corrected iteration still converges.
+LSR, LS_LR, LS_STEPS = 30, 0.06, 30
+
+
+def test_least_squares_variance_correction_descends_further():
+    """Heterogeneous clients, many local steps: without correction the clients drift towards their own
+    minimisers and the global loss stalls; the full correction keeps descending towards the optimum."""
+    P = least_squares(**LS)
+    kw = dict(rounds=LSR, lr=LS_LR, local_steps=LS_STEPS, initial_rank=2, tau=1e-3)
+    excess = {}
+    for vc in ("none", "full"):
+        h = run_fedlrt(lambda: nn.Linear(8, 8, bias=False), P["clients"], **kw, variance_correction=vc)["history"]
+        excess[vc] = h[-1]["loss"] - P["loss_ls"]
+        assert h[-1]["loss"] < 0.2 * h[0]["loss"]
+    print("excess global loss over the least-squares floor:", excess, "floor", P["loss_ls"])
+    assert excess["full"] < 0.3 * excess["none"]

@@ -1,0 +1,328 @@
+"""GaLoreAdamW: parity with galore-torch, the torch.optim contract, the ablation knobs, per-layer mode, memory."""
+import io
+import math
+import re
+import warnings
+
+import pytest
+import torch
+
+from lrkit.optim.galore import (GaLoreAdamW, GaLoreAdamW8bit, PerLayerGaLore, adam_state_numel,
+                                galore_state_numel, optimizer_state_bytes)
+
+galore_torch = pytest.importorskip("galore_torch")
+T, RANK = 5, 4
+
+
+def mlp(dtype=torch.float32):
+    # tall (32x16), wide (24x32, 10x24) projected weights; the head and the biases in a plain group
+    torch.manual_seed(0)
+    L = torch.nn.Linear
+    return torch.nn.Sequential(L(16, 32), torch.nn.Tanh(), L(32, 24), torch.nn.Tanh(), L(24, 10), torch.nn.Tanh(),
+                               L(10, 2)).to(dtype)
+
+
+def groups(model, **rank_keys):
+    W = [model[i].weight for i in (0, 2, 4)]
+    rest = [p for p in model.parameters() if all(p is not w for w in W)]
+    keys = dict(rank=RANK, update_proj_gap=T, scale=0.25, proj_type="std") | rank_keys
+    return [{"params": rest}, {"params": W, **keys}]
+
+
+def batches(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 16, generator=g), torch.randn(8, 2, generator=g)) for _ in range(n)]
+
+
+def loss_fn(model, x, y):
+    return torch.nn.functional.mse_loss(model(x.to(model[0].weight.dtype)).float(), y)
+
+
+def train(model, opt, data, accumulation=1, max_grad_norm=None, step=True):
+    for x, y in data:
+        for xs, ys in zip(x.chunk(accumulation), y.chunk(accumulation)):
+            (loss_fn(model, xs, ys) / accumulation).backward()
+        if step:  # a PerLayerGaLore steps inside backward
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            opt.step()
+            opt.zero_grad()
+    return model
+
+
+def max_rel_err(a, b):
+    return max(((pa - pb).abs().max() / pb.abs().max()).item() for pa, pb in zip(a.parameters(), b.parameters()))
+
+
+def official(params, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # galore-torch's HF AdamW deprecation notice
+        return galore_torch.GaLoreAdamW(params, **kw)
+
+
+# ------------------------------------------------------------------------------------------ parity
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right", "full"])
+@pytest.mark.parametrize("kw", [{}, dict(lr=1e-2, weight_decay=0.1)], ids=["defaults", "lr_wd"])
+def test_parity_with_galore_torch(proj_type, kw):
+    ours, ref, data = mlp(), mlp(), batches(4 * T)  # 4 refresh periods, projectors refreshed at 0, 5, 10, 15
+    train(ours, GaLoreAdamW(groups(ours, proj_type=proj_type), **kw), data)
+    train(ref, official(groups(ref, proj_type=proj_type), **kw), data)
+    err = max_rel_err(ours, ref)
+    print(f"parity {proj_type} {kw}: max rel err {err:.3g}")
+    assert err < 1e-5
+    assert max_rel_err(ours, mlp()) > 1e-3  # and it did train
+
+
+def test_defaults_match_official():
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    assert {k: v for k, v in GaLoreAdamW(p).defaults.items() if k in ("lr", "betas", "eps", "weight_decay",
+            "correct_bias")} == dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True)
+
+
+def test_non_2d_and_oversized_rank_fall_back_to_full_rank_adam():
+    # biases (1-D; galore-torch raises IndexError) and a 2x10 weight at rank 4 (>= min) in a rank group
+    a, b = mlp(), mlp()
+    with pytest.warns(UserWarning, match="full-rank Adam") as record:
+        oa = GaLoreAdamW([{"params": [a[6].weight, a[6].bias, a[4].bias], "rank": RANK},
+                          {"params": [a[6].bias.new_zeros(3, 3).requires_grad_()], "rank": 3}])
+    assert len(record) == 1  # once per optimizer
+    ob = GaLoreAdamW([{"params": [b[6].weight, b[6].bias, b[4].bias]}])
+    train(a, oa, batches(6))
+    train(b, ob, batches(6))
+    assert max_rel_err(a, b) == 0.0
+    assert set(oa.state[a[6].weight]) == {"step", "moment_step", "exp_avg", "exp_avg_sq"}
+
+
+# ------------------------------------------------------------------------------------------ contract
+@pytest.mark.parametrize("kw, bad, value", [
+    (dict(lr=-1.0), "learning rate", -1.0), (dict(lr=float("nan")), "learning rate", "nan"),
+    (dict(lr=float("inf")), "learning rate", "inf"), (dict(betas=(1.0, 0.999)), "beta", 1.0),
+    (dict(betas=(0.9, -0.1)), "beta", -0.1), (dict(eps=-1e-8), "epsilon", -1e-8),
+    (dict(weight_decay=-0.1), "weight_decay", -0.1), (dict(scale=0.0), "scale", 0.0),
+    (dict(scale=float("inf")), "scale", "inf"), (dict(update_proj_gap=0), "update_proj_gap", 0),
+    (dict(proj_type="diag"), "proj_type", "'diag'"), (dict(proj_method="qr"), "proj_method", "'qr'"),
+    (dict(moments_on_switch="flip"), "moments_on_switch", "'flip'"), (dict(pca_lr=0.0), "pca_lr", 0.0),
+    (dict(switch_subspace="no"), "switch_subspace", "'no'"), (dict(seed=-1), "seed", -1),
+])
+def test_invalid_arguments(kw, bad, value):
+    with pytest.raises(ValueError, match=rf"Invalid {bad}.*: {re.escape(str(value))} \("):
+        GaLoreAdamW(mlp().parameters(), **kw)
+
+
+@pytest.mark.parametrize("rank", [0, -2, 1.5])
+def test_invalid_rank(rank):
+    with pytest.raises(ValueError, match=f"Invalid rank: {rank}"):
+        GaLoreAdamW([{"params": mlp().parameters(), "rank": rank}])
+    with pytest.raises(ValueError, match="Invalid update_proj_gap: 0"):  # group keys are checked too
+        GaLoreAdamW([{"params": mlp().parameters(), "rank": 2, "update_proj_gap": 0}])
+
+
+def test_closure_returns_loss():
+    model, (x, y) = mlp(), batches(1)[0]
+    opt = GaLoreAdamW(groups(model))
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model, x, y)
+        loss.backward()
+        return loss
+    assert torch.isfinite(opt.step(closure))
+
+
+@pytest.mark.parametrize("method, policy", [("svd", "keep"), ("random", "rotate"), ("online_pca", "keep"),
+                                            ("randomized_svd", "reset")])
+def test_state_dict_resume_is_exact(method, policy):
+    kw, data = dict(proj_method=method, moments_on_switch=policy), batches(3 * T)
+    full = mlp()
+    train(full, GaLoreAdamW(groups(full, **kw), seed=3), data)
+
+    first = mlp()
+    opt = GaLoreAdamW(groups(first, **kw), seed=3)
+    train(first, opt, data[:7])  # stop between refreshes
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)  # the state holds tensors and plain numbers only
+    resumed = mlp()
+    resumed.load_state_dict(ckpt["model"])
+    opt = GaLoreAdamW(groups(resumed, **kw), seed=3)
+    opt.load_state_dict(ckpt["opt"])
+    train(resumed, opt, data[7:])
+    assert max_rel_err(resumed, full) == 0.0
+
+
+# ------------------------------------------------------------------------------------------ knobs
+def step_once(opt, p, G):
+    p.grad = G.clone()
+    opt.step()
+
+
+def snapshot(opt, p):
+    return {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+
+
+def test_switch_subspace_false_keeps_projector():
+    for switch in (True, False):
+        p = torch.nn.Parameter(torch.randn(12, 20))
+        opt = GaLoreAdamW([{"params": [p], "rank": 3, "update_proj_gap": T, "switch_subspace": switch}])
+        step_once(opt, p, torch.randn(12, 20))
+        P0 = opt.state[p]["P"].clone()
+        for _ in range(2 * T):
+            step_once(opt, p, torch.randn(12, 20))
+        assert torch.equal(opt.state[p]["P"], P0) is (not switch)
+
+
+@pytest.mark.parametrize("policy", ["keep", "reset", "rotate"])
+def test_moments_on_switch(policy):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(12, 20))  # wide: left projector P
+    b1, b2 = 0.9, 0.999
+    opt = GaLoreAdamW([{"params": [p], "rank": 3, "update_proj_gap": T, "moments_on_switch": policy}])
+    for _ in range(T):
+        step_once(opt, p, torch.randn(12, 20))
+    before = snapshot(opt, p)
+    G = torch.randn(12, 20)
+    step_once(opt, p, G)  # step T: a new P, then the moments are handled, then updated with R = P^T G
+    after = snapshot(opt, p)
+    P_old, P_new = before["P"], after["P"]
+    assert not torch.allclose(P_old, P_new)
+    R = P_new.t() @ G
+    M, V = before["exp_avg"], before["exp_avg_sq"]
+    if policy == "reset":
+        M, V = torch.zeros_like(M), torch.zeros_like(V)
+        assert after["moment_step"] == 1  # bias correction restarts with the moments
+    elif policy == "rotate":
+        C = P_new.t() @ P_old
+        M, V = C @ M, (C @ V).clamp_min(0)
+    torch.testing.assert_close(after["exp_avg"], b1 * M + (1 - b1) * R, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(after["exp_avg_sq"], b2 * V + (1 - b2) * R * R, rtol=1e-5, atol=1e-9)
+
+
+def test_rotate_right_projector():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(20, 12))  # tall: right projector Q
+    opt = GaLoreAdamW([{"params": [p], "rank": 3, "update_proj_gap": T, "moments_on_switch": "rotate"}],
+                      betas=(0.5, 0.5))
+    for _ in range(T):
+        step_once(opt, p, torch.randn(20, 12))
+    before = snapshot(opt, p)
+    G = torch.randn(20, 12)
+    step_once(opt, p, G)
+    Q_old, Q_new = before["Q"], opt.state[p]["Q"]
+    expected = 0.5 * before["exp_avg"] @ (Q_old @ Q_new.t()) + 0.5 * G @ Q_new.t()
+    torch.testing.assert_close(opt.state[p]["exp_avg"], expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["svd", "randomized_svd", "random", "online_pca"])
+def test_methods_decrease_loss_and_are_deterministic(method):
+    def run(seed):
+        torch.manual_seed(0)
+        X, A = torch.randn(64, 32), torch.randn(32, 4) @ torch.randn(4, 24) / 2  # low-rank linear target
+        W = torch.nn.Parameter(torch.zeros(32, 24))
+        opt = GaLoreAdamW([{"params": [W], "rank": 4, "update_proj_gap": 10, "proj_method": method}],
+                          lr=0.1, seed=seed)
+        losses = []
+        for _ in range(100):
+            loss = (X @ W - X @ A).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses, W.detach().clone(), opt
+    losses, W, opt = run(0)
+    # a random rank-4 subspace of 24 directions per period learns more slowly than the gradient's own
+    assert losses[-1] < (0.5 if method == "random" else 0.1) * losses[0]
+    P = opt.state[opt.param_groups[0]["params"][0]]["Q"]
+    torch.testing.assert_close(P @ P.t(), torch.eye(4), atol=1e-5, rtol=0)  # orthonormal rows
+    assert torch.equal(run(0)[1], W)  # same seed: bit-identical
+    if method in ("random", "randomized_svd"):
+        assert not torch.equal(run(1)[1], W)
+
+
+def test_online_pca_moves_every_step():
+    p = torch.nn.Parameter(torch.randn(12, 20))
+    opt = GaLoreAdamW([{"params": [p], "rank": 3, "proj_method": "online_pca", "update_proj_gap": 100}])
+    step_once(opt, p, torch.randn(12, 20))
+    P0 = opt.state[p]["P"].clone()
+    step_once(opt, p, torch.randn(12, 20))
+    P1 = opt.state[p]["P"]
+    assert not torch.equal(P0, P1) and (P1 - P0).norm() < 0.2 * math.sqrt(3)  # a small move: pca_lr 0.1
+
+
+def test_bf16_smoke():
+    model = mlp(torch.bfloat16)
+    w0 = model[0].weight.detach().clone()
+    opt = GaLoreAdamW(groups(model, proj_method="online_pca", moments_on_switch="rotate"), lr=1e-2)
+    train(model, opt, batches(2 * T))
+    assert all(torch.isfinite(p).all() for p in model.parameters()) and not torch.equal(model[0].weight, w0)
+    state = opt.state[model[0].weight]
+    assert state["Q"].dtype == state["exp_avg"].dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------------ per-layer
+@pytest.mark.parametrize("accumulation", [1, 4])
+@pytest.mark.parametrize("max_grad_norm", [None, 0.05])
+def test_per_layer_matches_normal_mode(accumulation, max_grad_norm):
+    kw, data = dict(lr=1e-2, weight_decay=0.01), batches(3 * T)
+    normal = mlp()
+    train(normal, GaLoreAdamW(groups(normal, proj_method="random"), **kw), data, accumulation, max_grad_norm)
+    layered = mlp()
+    per_layer = PerLayerGaLore(groups(layered, proj_method="random"), accumulation_steps=accumulation,
+                               max_grad_norm=max_grad_norm, **kw)
+    train(layered, per_layer, data, accumulation, step=False)
+    assert max_rel_err(layered, normal) < 1e-6
+    assert all(p.grad is None for p in layered.parameters())  # gradients freed after each update
+    # every parameter stepped once per optimizer step, not once per micro-batch (GaLore issue #78)
+    assert {o.state[p]["step"] for p, o in per_layer.optimizers.items()} == {len(data)}
+    assert optimizer_state_bytes(per_layer) == sum(
+        4 * galore_state_numel(p.shape, RANK if p.dim() == 2 and p is not layered[6].weight else None)
+        for p in layered.parameters())
+    per_layer.remove()
+
+
+def test_per_layer_argument_validation():
+    with pytest.raises(ValueError, match="Invalid accumulation_steps: 0"):
+        PerLayerGaLore(mlp().parameters(), accumulation_steps=0)
+    with pytest.raises(ValueError, match="Invalid max_grad_norm: -1"):
+        PerLayerGaLore(mlp().parameters(), max_grad_norm=-1.0)
+
+
+# ------------------------------------------------------------------------------------------ memory
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "full"])
+def test_state_bytes_match_formula(proj_type):
+    ours, ref = mlp(), mlp()
+    oa = GaLoreAdamW(groups(ours, proj_type=proj_type))
+    ob = official(groups(ref, proj_type=proj_type))
+    train(ours, oa, batches(1))
+    train(ref, ob, batches(1))
+    expected = sum(galore_state_numel(p.shape, RANK if p.dim() == 2 and p is not ours[6].weight else None,
+                                      proj_type) for p in ours.parameters())
+    assert optimizer_state_bytes(oa) == optimizer_state_bytes(ob) == 4 * expected
+    assert galore_state_numel((32, 16), 4) == 4 * 16 + 2 * 32 * 4  # Q (r x n) + M, V (m x r)
+    assert galore_state_numel((24, 32), 4) == 24 * 4 + 2 * 4 * 32  # P (m x r) + M, V (r x n)
+    assert galore_state_numel((10,), 4) == adam_state_numel((10,)) == 20
+
+
+# ------------------------------------------------------------------------------------------ 8-bit
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
+def test_8bit_raises_clearly_on_cpu():
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        GaLoreAdamW8bit(mlp().parameters())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_8bit_trains_on_cuda():
+    pytest.importorskip("bitsandbytes")
+    model = torch.nn.Linear(256, 256).cuda()
+    opt = GaLoreAdamW8bit([{"params": [model.weight], "rank": 8, "update_proj_gap": T, "scale": 0.25,
+                            "proj_type": "std"}, {"params": [model.bias]}], lr=1e-3)
+    x = torch.randn(32, 256, device="cuda")
+    losses = []
+    for _ in range(10):
+        loss = (model(x) - x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]

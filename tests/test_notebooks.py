@@ -1,0 +1,54 @@
+"""Notebook hygiene and profile configs: every YAML key is a real notebook parameter, notebooks are
+stripped, tagged and use the python3 kernel."""
+from pathlib import Path
+
+import nbformat
+import papermill
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted(p for p in (ROOT / "notebooks").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+CONFIGS = sorted((ROOT / "configs").glob("*/**/*.yaml"))
+PROFILES = yaml.safe_load((ROOT / "configs" / "profiles.yaml").read_text())
+
+
+def _key(nb: Path) -> str:
+    return nb.relative_to(ROOT / "notebooks").with_suffix("").as_posix()
+
+
+def test_there_are_notebooks_and_profiles():
+    assert NOTEBOOKS and set(PROFILES) == {"smoke", "cpu", "gpu", "paper"}
+    assert all(isinstance(PROFILES[p]["cell_timeout_s"], int) for p in PROFILES)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
+def test_every_yaml_key_is_a_parameter_of_its_notebook(cfg):
+    profile, key = cfg.relative_to(ROOT / "configs").parts[0], cfg.relative_to(ROOT / "configs" / cfg.relative_to(ROOT / "configs").parts[0]).with_suffix("").as_posix()
+    assert profile in PROFILES, f"{cfg}: unknown profile directory {profile!r}"
+    nb = ROOT / "notebooks" / f"{key}.ipynb"
+    assert nb.exists(), f"{cfg} configures {nb}, which does not exist"
+    params = papermill.inspect_notebook(str(nb))
+    values = yaml.safe_load(cfg.read_text()) or {}
+    unknown = set(values) - set(params)
+    assert not unknown, f"{cfg}: {sorted(unknown)} are not parameters of {nb.name}"
+    for k, v in values.items():  # same type as the notebook's default (ints may widen to floats)
+        default = type(eval(params[k]["default"]))
+        assert isinstance(v, default) or (default is float and isinstance(v, int)), (k, v, default)
+    assert "profile" not in values and "report_dir" not in values, "the runner sets these"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=_key)
+def test_notebook_hygiene(nb):
+    doc = nbformat.read(nb, as_version=4)
+    assert doc.metadata["kernelspec"]["name"] == "python3"
+    code = [c for c in doc.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), "strip outputs (make strip)"
+    tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and code[0] is tagged[0], "the first code cell is the one parameters cell"
+    params = papermill.inspect_notebook(str(nb))
+    assert {"profile", "report_dir", "seed"} <= set(params)
+    assert eval(params["profile"]["default"]) == "smoke"
+    for c in code:
+        if "plt." in c.source or "sns." in c.source:
+            assert c.source.startswith("# NBVAL_IGNORE_OUTPUT"), f"plot cell without NBVAL_IGNORE_OUTPUT:\n{c.source[:80]}"

@@ -1,0 +1,67 @@
+"""Run records: fields, atomic writes, round trip, and the runner's no-half-written-results rule."""
+import json
+import math
+
+import pytest
+
+from lrkit import records
+from lrkit.records import RunResult
+
+
+def _result(name="adamw", loss=1.5):
+    return RunResult(name=name, config={"lr": 1e-3}, seed=0, device="cpu", device_name="test cpu",
+                     history=[{"step": 1, "train_loss": 2.0}, {"step": 2, "train_loss": loss}],
+                     final={"val_loss": loss, "nan_metric": math.nan}, wall_time_s=0.5,
+                     memory={"optimizer_state_bytes": 16})
+
+
+def test_save_run_writes_every_field_and_loads_back(tmp_path):
+    out = tmp_path / "reports" / "galore" / "galore" / "cpu"
+    records.save_run(out, _result())
+    records.save_run(out, _result("galore", 1.6))
+    doc = records.load(out)
+    assert doc["notebook"] == "galore/galore" and doc["profile"] == "cpu"
+    run = doc["runs"]["adamw"]
+    for field in ("config", "seed", "device", "device_name", "torch", "git_commit", "history", "final",
+                  "wall_time_s", "memory"):
+        assert field in run, field
+    assert run["final"]["nan_metric"] is None  # NaN is not JSON; stored as null
+    assert set(doc["runs"]) == {"adamw", "galore"}
+    assert [p.name for p in out.iterdir()] == ["metrics.json"], "no temporary files left behind"
+
+
+def test_summary_and_figures(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2])
+    png = records.savefig(fig, tmp_path, "loss")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    records.save_summary(tmp_path, pd.DataFrame([{"run": "a", "ppl": 3.0}]), headline="loss.png",
+                         conclusions=["a wins"])
+    doc = records.load(tmp_path)
+    assert doc["summary"] == {"table": [{"run": "a", "ppl": 3.0}], "headline": "loss.png", "conclusions": ["a wins"]}
+
+
+def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
+    records.save_run(tmp_path, _result())
+    before = (tmp_path / "metrics.json").read_text()
+    bad = _result("broken")
+    bad.final = {"x": object()}  # serialised as str: fine; force a failure inside json instead
+    monkeypatch.setattr(json, "dumps", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk full")))
+    with pytest.raises(RuntimeError, match="disk full"):
+        records.save_run(tmp_path, bad)
+    assert (tmp_path / "metrics.json").read_text() == before
+
+
+def test_report_dir_validates():
+    assert records.report_dir("galore/ablation_rank", "cpu").parts[-3:] == ("galore", "ablation_rank", "cpu")
+    with pytest.raises(ValueError, match="Invalid profile: 'fast'"):
+        records.report_dir("getting_started", "fast")
+    with pytest.raises(ValueError, match="Invalid notebook: '../x'"):
+        records.report_dir("../x", "cpu")
+    with pytest.raises(FileNotFoundError, match="run the notebook first"):
+        records.load("/nonexistent/dir")

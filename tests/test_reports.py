@@ -1,0 +1,70 @@
+"""The papermill -> report pipe on tiny notebooks: success swaps results in, failure leaves none."""
+import json
+
+import nbformat
+import pytest
+
+from lrkit import records, reports
+
+
+def _notebook(path, body):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    params = nbformat.v4.new_code_cell('profile = "smoke"\nreport_dir = ""\nvalue = 1.0')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(body)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+
+
+RECORD = """
+from lrkit import records
+from lrkit.records import RunResult
+records.save_run(report_dir, RunResult("r", {"value": value}, 0, "cpu", "cpu", final={"loss": value}))
+records.save_summary(report_dir, [{"run": "r", "loss": value}], conclusions=[f"loss {value}"])
+"""
+
+
+@pytest.fixture
+def sandbox(tmp_path, monkeypatch):
+    monkeypatch.setattr(reports, "NOTEBOOKS_DIR", tmp_path / "notebooks")
+    monkeypatch.setattr(reports, "REPORTS_DIR", tmp_path / "reports")
+    monkeypatch.setattr(records, "REPORTS_DIR", tmp_path / "reports")
+    return tmp_path
+
+
+def test_run_exports_html_and_records_execution(sandbox):
+    nb = sandbox / "notebooks" / "demo" / "tiny.ipynb"
+    _notebook(nb, RECORD)
+    out = reports.run_notebook(nb, "smoke")
+    assert out == sandbox / "reports" / "demo" / "tiny" / "smoke"
+    assert {p.name for p in out.iterdir()} == {"metrics.json", "tiny.ipynb", "tiny.html"}
+    doc = records.load(out)
+    assert doc["execution"]["profile"] == "smoke" and doc["execution"]["wall_time_s"] > 0
+    assert doc["runs"]["r"]["final"]["loss"] == 1.0
+    index = reports.build_index("smoke").read_text()
+    assert 'href="demo/tiny/smoke/tiny.html"' in index and "loss 1.0" in index
+
+
+def test_failed_notebook_leaves_previous_results_and_no_staging(sandbox):
+    nb = sandbox / "notebooks" / "tiny.ipynb"
+    _notebook(nb, RECORD)
+    out = reports.run_notebook(nb, "smoke")
+    _notebook(nb, RECORD + "\nraise RuntimeError('boom')")
+    with pytest.raises(Exception, match="boom"):
+        reports.run_notebook(nb, "smoke")
+    assert json.loads((out / "metrics.json").read_text())["runs"]["r"]["final"]["loss"] == 1.0
+    assert [p.name for p in out.parent.iterdir()] == ["smoke"], "staging directory removed"
+
+
+def test_notebook_that_records_nothing_is_an_error(sandbox):
+    nb = sandbox / "notebooks" / "silent.ipynb"
+    _notebook(nb, "x = 1")
+    with pytest.raises(RuntimeError, match="recorded nothing"):
+        reports.run_notebook(nb, "smoke")
+    assert not (sandbox / "reports" / "silent" / "smoke").exists()
+
+
+def test_unknown_profile_is_rejected():
+    with pytest.raises(ValueError, match="Invalid profile: 'fast'"):
+        reports.profile_settings("fast")
