@@ -11,13 +11,14 @@ export LRKIT_HEADLESS := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help setup data test unit nbval reproduce index check-reports lab strip clean
+.PHONY: help setup data test unit nbval reproduce index check-reports bench lab strip clean
 help:
 	@echo "make reproduce [PROFILE=smoke|cpu|gpu|paper]  run every notebook, write reports/ (default: gpu if CUDA, else cpu)"
 	@echo "make test                                     unit tests + nbval over every notebook at smoke size"
 	@echo "make lab                                      JupyterLab on notebooks/"
 	@echo "make data                                     fetch and verify every offline dataset into data/"
 	@echo "make check-reports                            diff fresh cpu results against the committed reference"
+	@echo "make bench                                    tokens/s and memory of every optimizer on this machine"
 
 # ---- environment: created on first use, redone only when pyproject.toml or constraints.txt change
 setup: $(STAMP)
@@ -51,6 +52,9 @@ index: setup
 	$(PY) -m lrkit.reports index --profile $(PROFILE)
 check-reports: setup
 	$(PY) -m lrkit.reports check --profile cpu
+
+bench: setup
+	$(PY) -m lrkit.bench
 
 lab: setup data
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks

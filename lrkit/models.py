@@ -19,6 +19,9 @@ LLAMA_SIZES = {
     "350m": (1024, 2736, 24, 16),
     "1b": (2048, 5461, 24, 32),
     "7b": (4096, 11008, 32, 32),
+    "13b": (5120, 13824, 40, 40),  # LLaMA-1 13B-65B (AdaLomo / LOMO papers' models)
+    "30b": (6656, 17920, 60, 52),
+    "65b": (8192, 22016, 80, 64),
 }
 
 
@@ -50,7 +53,11 @@ def build_encoder_classifier(num_labels: int, seed: int = 0) -> tuple[torch.nn.M
 
     from lrkit import data
 
+    import transformers
+
     path = data.load("minilm")
+    transformers.logging.set_verbosity_error()  # the load report lists the fresh head: expected here
+    transformers.logging.disable_progress_bar()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)

@@ -7,13 +7,13 @@ Schedule: linear warm-up then cosine decay to ``min_lr_ratio`` of the peak (the 
 from __future__ import annotations
 
 import math
-import resource
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
+from lrkit.memory import memory_figures
 from lrkit.records import RunResult
 from lrkit.utils import device_info, progress, resolve_device
 
@@ -29,6 +29,7 @@ class LMTrainConfig:
     grad_clip: float | None = 1.0
     eval_every: int = 25
     eval_windows: int = 64
+    log_every: int = 0  # history row with the train loss every log_every steps; 0 = at evaluations only
     seed: int = 0
     device: str = "auto"
 
@@ -37,6 +38,8 @@ class LMTrainConfig:
             v = getattr(self, k)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"Invalid {k}: {v!r} (expected a positive int)")
+        if not isinstance(self.log_every, int) or self.log_every < 0:
+            raise ValueError(f"Invalid log_every: {self.log_every!r} (expected an int >= 0)")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"Invalid lr: {self.lr!r} (expected a finite positive number)")
         if not 0 <= self.warmup_frac < 1:
@@ -88,12 +91,26 @@ def evaluate_lm(model, windows: torch.Tensor, batch_size: int, device) -> float:
     return total / count
 
 
+def backward_and_clip(loss, model, optimizer, grad_clip) -> None:
+    """Backward, then global-norm clipping; optimizers that update inside backward (``backward``
+    method: AdaLomo, Lomo, per-layer GaLore) run their own backward and clip with their own
+    ``max_grad_norm``, since no full set of gradients exists after it."""
+    if getattr(optimizer, "updates_in_backward", False):
+        optimizer.backward(loss)
+        return
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
+
+
 def train_lm(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, corpus,
-             cfg: LMTrainConfig, extra_config: dict | None = None, scheduler=None) -> RunResult:
+             cfg: LMTrainConfig, extra_config: dict | None = None, scheduler=None,
+             callbacks=()) -> RunResult:
     """Train ``model`` on ``corpus`` (a :class:`lrkit.data.TokenizedCorpus`) and return the record.
 
     History rows hold the step, train loss (mean since the last row), learning rate and, every
-    ``eval_every`` steps and at the end, the validation loss and perplexity.
+    ``eval_every`` steps and at the end, the validation loss and perplexity. ``callbacks`` are called
+    as ``cb(step)`` after each optimizer step (e.g. ReLoRA merges).
     """
     device = resolve_device(cfg.device)
     model.to(device).train()
@@ -110,49 +127,37 @@ def train_lm(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     for step in bar:
         batch = random_windows(corpus.train, cfg.batch_size, cfg.seq_len, gen).to(device)
         loss = lm_loss(model, batch)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         lr = optimizer.param_groups[0]["lr"]
+        backward_and_clip(loss, model, optimizer, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        for cb in callbacks:
+            cb(step)
         loss = loss.item()
         if not math.isfinite(loss):
             history.append({"step": step, "train_loss": None, "lr": lr})
             break
         running, n_running = running + loss, n_running + 1
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        evaluate = step % cfg.eval_every == 0 or step == cfg.steps
+        if evaluate or (cfg.log_every and step % cfg.log_every == 0):
             row = {"step": step, "train_loss": running / n_running, "lr": lr}
-            row["val_loss"] = evaluate_lm(model, val, cfg.batch_size, device)
-            row["val_ppl"] = math.exp(row["val_loss"])
+            if evaluate:
+                row["val_loss"] = evaluate_lm(model, val, cfg.batch_size, device)
+                row["val_ppl"] = math.exp(min(row["val_loss"], 700.0))  # no OverflowError on divergence
+                bar.set_postfix(train=f"{row['train_loss']:.3f}", val=f"{row['val_loss']:.3f}")
             history.append(row)
             running, n_running = 0.0, 0
-            bar.set_postfix(train=f"{row['train_loss']:.3f}", val=f"{row['val_loss']:.3f}")
     wall = time.perf_counter() - t0
 
     last = history[-1]
-    diverged = last.get("train_loss") is None
+    diverged = last.get("train_loss") is None or not math.isfinite(last.get("val_loss", 0.0))
     final = {"val_loss": None if diverged else last["val_loss"],
              "val_ppl": None if diverged else last["val_ppl"],
              "train_loss": last.get("train_loss"), "diverged": diverged, "steps": step,
-             "tokens": step * cfg.batch_size * cfg.seq_len}
+             "tokens": step * cfg.batch_size * cfg.seq_len,
+             **(optimizer.timings() if hasattr(optimizer, "timings") else {})}
     info = device_info(device)
     return RunResult(name=name, config={**asdict(cfg), **(extra_config or {})}, seed=cfg.seed,
                      device=info["device"], device_name=info["device_name"], history=history,
                      final=final, wall_time_s=wall, memory=memory_figures(model, optimizer, device))
-
-
-def memory_figures(model, optimizer, device) -> dict:
-    """Bytes of parameters and optimizer state measured from the tensors themselves, and the peak
-    memory of the process (CPU: max RSS; CUDA: peak allocated)."""
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values()
-                      for t in s.values() if torch.is_tensor(t))
-    out = {"param_bytes": param_bytes, "optimizer_state_bytes": state_bytes,
-           "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    if device.type == "cuda":
-        out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
-    else:
-        out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return out

@@ -38,15 +38,19 @@ def loss_fn(model, x, y):
     return torch.nn.functional.mse_loss(model(x.to(model[0].weight.dtype)).float(), y)
 
 
-def train(model, opt, data, accumulation=1, max_grad_norm=None, step=True):
+def train(model, opt, data, accumulation=1, max_grad_norm=None, scheduler=None):
+    """The shared loop: optimizers with ``updates_in_backward`` get ``opt.backward`` and clip themselves."""
+    in_backward = getattr(opt, "updates_in_backward", False)
     for x, y in data:
         for xs, ys in zip(x.chunk(accumulation), y.chunk(accumulation)):
-            (loss_fn(model, xs, ys) / accumulation).backward()
-        if step:  # a PerLayerGaLore steps inside backward
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            opt.step()
-            opt.zero_grad()
+            loss = loss_fn(model, xs, ys) / accumulation
+            opt.backward(loss) if in_backward else loss.backward()
+        if max_grad_norm is not None and not in_backward:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        opt.step()
+        opt.zero_grad()
+        if scheduler is not None:
+            scheduler.step()
     return model
 
 
@@ -260,24 +264,179 @@ def test_bf16_smoke():
 
 
 # ------------------------------------------------------------------------------------------ per-layer
+def per_layer_kw(**kw):
+    return dict(lr=1e-2, weight_decay=0.01) | kw
+
+
 @pytest.mark.parametrize("accumulation", [1, 4])
 @pytest.mark.parametrize("max_grad_norm", [None, 0.05])
 def test_per_layer_matches_normal_mode(accumulation, max_grad_norm):
-    kw, data = dict(lr=1e-2, weight_decay=0.01), batches(3 * T)
+    kw, data = per_layer_kw(), batches(3 * T)
     normal = mlp()
     train(normal, GaLoreAdamW(groups(normal, proj_method="random"), **kw), data, accumulation, max_grad_norm)
     layered = mlp()
     per_layer = PerLayerGaLore(groups(layered, proj_method="random"), accumulation_steps=accumulation,
                                max_grad_norm=max_grad_norm, **kw)
-    train(layered, per_layer, data, accumulation, step=False)
+    assert isinstance(per_layer, torch.optim.Optimizer) and per_layer.updates_in_backward
+    n_steps, stepped = 0, []
+    per_layer.register_step_post_hook(lambda *_: stepped.append(True))
+    for x, y in data:
+        for j, (xs, ys) in enumerate(zip(x.chunk(accumulation), y.chunk(accumulation))):
+            before = [p.detach().clone() for p in layered.parameters()]
+            per_layer.backward(loss_fn(layered, xs, ys) / accumulation)
+            last = j == accumulation - 1
+            # gradients freed once the update ran (with clipping: at the end of the k-th backward)
+            assert all((p.grad is None) is last for p in layered.parameters())
+            assert all(torch.equal(a, b) is not last for a, b in zip(before, layered.parameters()))
+        after = [p.detach().clone() for p in layered.parameters()]
+        per_layer.step()  # a no-op: the hooks did everything
+        assert all(torch.equal(a, b) for a, b in zip(after, layered.parameters()))
+        per_layer.zero_grad()
+        n_steps += 1
+    assert len(stepped) == n_steps
     assert max_rel_err(layered, normal) < 1e-6
-    assert all(p.grad is None for p in layered.parameters())  # gradients freed after each update
     # every parameter stepped once per optimizer step, not once per micro-batch (GaLore issue #78)
-    assert {o.state[p]["step"] for p, o in per_layer.optimizers.items()} == {len(data)}
+    assert {s["step"] for s in per_layer.state.values()} == {len(data)}
+    assert len(per_layer.state) == len(list(layered.parameters()))
     assert optimizer_state_bytes(per_layer) == sum(
         4 * galore_state_numel(p.shape, RANK if p.dim() == 2 and p is not layered[6].weight else None)
         for p in layered.parameters())
     per_layer.remove()
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_per_layer_follows_lr_scheduler(accumulation):
+    data = batches(3 * T)
+
+    def run(cls, **extra):
+        model = mlp()
+        opt = cls(groups(model, proj_method="random"), **per_layer_kw(), **extra)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: [1.0, 0.5, 2.0, 0.0, 1.5][s % 5])
+        train(model, opt, data, accumulation, scheduler=sched)
+        return model, opt
+
+    normal, _ = run(GaLoreAdamW)
+    layered, opt = run(PerLayerGaLore, accumulation_steps=accumulation)
+    assert max_rel_err(layered, normal) < 1e-6
+    assert opt.param_groups[0]["lr"] == 1e-2 * [1.0, 0.5, 2.0, 0.0, 1.5][len(data) % 5]
+    model = mlp()
+    plain = PerLayerGaLore(groups(model, proj_method="random"), accumulation_steps=accumulation, **per_layer_kw())
+    train(model, plain, data, accumulation)
+    assert max_rel_err(model, layered) > 1e-3  # the schedule did change the updates
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.05])
+def test_per_layer_state_dict_resume_is_exact(max_grad_norm):
+    kw = per_layer_kw(proj_method="random", moments_on_switch="rotate")
+    make = lambda m: PerLayerGaLore(groups(m, **kw), accumulation_steps=2, max_grad_norm=max_grad_norm, seed=3)
+    data = batches(3 * T)
+    full = mlp()
+    train(full, make(full), data, accumulation=2)
+
+    first = mlp()
+    opt = make(first)
+    train(first, opt, data[:7], accumulation=2)
+    opt.remove()
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    assert set(ckpt["opt"]["state"]) == set(range(len(list(first.parameters()))))
+    resumed = mlp()
+    resumed.load_state_dict(ckpt["model"])
+    opt = make(resumed)
+    opt.load_state_dict(ckpt["opt"])
+    train(resumed, opt, data[7:], accumulation=2)
+    assert max_rel_err(resumed, full) == 0.0
+    # the same format as GaLoreAdamW: its checkpoint continues in a normal-mode optimizer too
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)  # afresh: load_state_dict aliases the tensors it is given
+    normal = mlp()
+    normal.load_state_dict(ckpt["model"])
+    opt = GaLoreAdamW(groups(normal, **kw), seed=3)
+    opt.load_state_dict(ckpt["opt"])
+    train(normal, opt, data[7:], accumulation=2, max_grad_norm=max_grad_norm)
+    assert max_rel_err(normal, full) < 1e-6
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.05])
+def test_per_layer_step_completes_what_hooks_did_not(max_grad_norm):
+    # an unused parameter (no grad: never ready) and a gradient set by hand (no hook saw it)
+    def setup(cls, **extra):
+        model = mlp()
+        torch.manual_seed(5)
+        unused, manual = torch.nn.Parameter(torch.randn(6, 7)), torch.nn.Parameter(torch.randn(6, 7))
+        g = groups(model, proj_method="random")
+        g[1]["params"] += [unused, manual]
+        return model, manual, cls(g, **per_layer_kw(), **extra)
+
+    def run(model, manual, opt, in_backward):
+        for i, (x, y) in enumerate(batches(2 * T)):
+            loss = loss_fn(model, x, y)
+            opt.backward(loss) if in_backward else loss.backward()
+            manual.grad = torch.full_like(manual, 0.1 * (i + 1))
+            if not in_backward and max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(list(model.parameters()) + [manual], max_grad_norm)
+            opt.step()
+            if in_backward:  # the hooks freed theirs, step() freed the rest
+                assert all(p.grad is None for p in model.parameters()) and manual.grad is None
+            opt.zero_grad()
+        return model, manual
+
+    a, ma = run(*setup(GaLoreAdamW), in_backward=False)
+    b, mb = run(*setup(PerLayerGaLore, max_grad_norm=max_grad_norm), in_backward=True)
+    assert max_rel_err(b, a) < 1e-6
+    torch.testing.assert_close(mb, ma, rtol=1e-6, atol=0)
+
+
+def test_per_layer_without_hooks_is_galore_adamw():
+    data = batches(2 * T)
+    normal = mlp()
+    train(normal, GaLoreAdamW(groups(normal, proj_method="random"), **per_layer_kw()), data, 2, 0.05)
+    layered = mlp()
+    opt = PerLayerGaLore(groups(layered, proj_method="random"), max_grad_norm=0.05, **per_layer_kw())
+    opt.remove_hooks()
+    for x, y in data:  # plain loss.backward(): gradients accumulate, step() updates and clips
+        for xs, ys in zip(x.chunk(2), y.chunk(2)):
+            (loss_fn(layered, xs, ys) / 2).backward()
+        assert all(p.grad is not None for p in layered.parameters())
+        opt.step()
+        opt.zero_grad()
+    assert max_rel_err(layered, normal) < 1e-6
+
+
+def test_per_layer_zero_grad_discards_partial_accumulation():
+    model, (x, y) = mlp(), batches(1)[0]
+    opt = PerLayerGaLore(groups(model), accumulation_steps=2)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    opt.backward(loss_fn(model, x, y))
+    opt.step()  # mid-accumulation: nothing to do
+    assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    opt.backward(loss_fn(model, x, y))  # the count restarted: still accumulating
+    assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))
+    opt.backward(loss_fn(model, x, y))
+    assert not any(torch.equal(a, b) for a, b in zip(w0, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_per_layer_hooks_die_with_the_optimizer():
+    model, (x, y) = mlp(), batches(1)[0]
+    opt = PerLayerGaLore(groups(model))
+    del opt
+    import gc
+    gc.collect()
+    loss_fn(model, x, y).backward()  # no hook left: plain gradients
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_fused_optimizer_protocol():
+    from lrkit.optim import AdaLomo, Lomo
+    p = [torch.nn.Parameter(torch.zeros(3, 3))]
+    assert Lomo(p, fused=True).updates_in_backward is True
+    assert Lomo(p, fused=False).updates_in_backward is False
+    assert AdaLomo(p, fused=False).updates_in_backward is False
 
 
 def test_per_layer_argument_validation():
@@ -285,6 +444,8 @@ def test_per_layer_argument_validation():
         PerLayerGaLore(mlp().parameters(), accumulation_steps=0)
     with pytest.raises(ValueError, match="Invalid max_grad_norm: -1"):
         PerLayerGaLore(mlp().parameters(), max_grad_norm=-1.0)
+    with pytest.raises(ValueError, match="Invalid learning rate"):  # GaLoreAdamW's own checks
+        PerLayerGaLore(mlp().parameters(), lr=-1.0)
 
 
 # ------------------------------------------------------------------------------------------ memory

@@ -15,7 +15,9 @@ only tensors and ints, so state_dict() survives torch.load(weights_only=True); p
 once per accumulated batch (GaLore issue #78) and clips by the true global norm.
 """
 import math
+import time
 import warnings
+import weakref
 
 import torch
 from torch.optim import Optimizer
@@ -164,6 +166,7 @@ class GaLoreAdamW(Optimizer):
         self.seed = seed
         self._generator = torch.Generator()  # CPU: the same draws whatever the parameters' device
         self._warned_full_rank = False
+        self.projector_time_s = 0.0  # wall time spent computing projectors (SVD etc.): the switching overhead
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group):
@@ -175,6 +178,11 @@ class GaLoreAdamW(Optimizer):
                 warnings.warn(f"GaLoreAdamW: rank {group['rank']} >= min(m, n) of some weight; "
                               "those weights use full-rank Adam (no projection).", stacklevel=3)
                 self._warned_full_rank = True
+
+    def timings(self) -> dict:
+        """Measured overheads for run records (CPU wall time; on CUDA the kernels are asynchronous, so
+        this times their launch plus any synchronising linear algebra)."""
+        return {"projector_time_s": self.projector_time_s}
 
     @staticmethod
     def is_projected(p, group):
@@ -205,7 +213,9 @@ class GaLoreAdamW(Optimizer):
         grad = p.grad.float()  # a no-op in fp32: the arithmetic below is galore-torch's, op for op
         projected = self.is_projected(p, group)
         if projected:
+            t0 = time.perf_counter()
             self._refresh_projector(p, group, state, grad, index)
+            self.projector_time_s += time.perf_counter() - t0
             grad = project(grad, *self._projectors(state))
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(grad, dtype=p.dtype)
@@ -288,72 +298,159 @@ class GaLoreAdamW(Optimizer):
                 state[key].copy_(X.clamp_min(0) if key == "exp_avg_sq" else X)
 
 
-class PerLayerGaLore:
-    """GaLore-AdamW updating each parameter inside backward, with one optimizer per parameter as galore-torch.
+class PerLayerGaLore(GaLoreAdamW):
+    """GaLoreAdamW that updates each parameter inside backward (per-layer weight updates, paper Sec. 4.2).
 
-    Hooks registered with ``Tensor.register_post_accumulate_grad_hook`` step a parameter's own
-    GaLoreAdamW as soon as its gradient is final, then free the gradient. Unlike the official per-layer
-    mode: with ``accumulation_steps=k`` a parameter steps on its k-th hook only (GaLore issue #78);
-    scale the loss by 1/k as usual. ``max_grad_norm`` clips by the *global* norm, exactly as
-    ``clip_grad_norm_`` + step: that norm needs every final gradient, so with clipping on, the hooks of
-    the k-th backward only mark gradients ready and the last one to arrive clips them all and steps
+    One torch Optimizer (shared ``param_groups``, one ``state``, the ordinary ``state_dict()`` /
+    ``load_state_dict()``, interchangeable with GaLoreAdamW's): ``__init__`` (and ``add_param_group``)
+    registers ``Tensor.register_post_accumulate_grad_hook`` on every trainable parameter; the hook runs
+    GaLoreAdamW's update of that one parameter (same state, same seeds for random projections: the
+    i-th parameter in state_dict order draws as in GaLoreAdamW) as soon as its gradient is final, and
+    frees ``p.grad`` at once. Hyper-parameters are read from ``group`` when the update runs, so torch
+    LR schedulers work: ``scheduler.step()`` after ``opt.step()`` sets the lr of the next step's hooks.
+
+    Protocol (as lrkit's FusedOptimizer): ``updates_in_backward = True``; ``backward(loss)`` is just
+    ``loss.backward()`` (clipping happens inside the hooks); ``step()`` completes the step and is a
+    no-op when the hooks did everything; ``zero_grad()`` as usual. Loop::
+
+        opt.backward(loss); opt.step(); opt.zero_grad(); scheduler.step()
+
+    Departures from the official per-layer mode: with ``accumulation_steps=k`` a parameter steps on its
+    k-th hook only (GaLore issue #78; scale the loss by 1/k as usual; in between its ``.grad``
+    accumulates and ``step()`` leaves it alone; ``zero_grad()`` discards a partial accumulation and
+    restarts the count). ``max_grad_norm`` clips by the *true global* norm, exactly as
+    ``clip_grad_norm_`` + step: that norm needs every final gradient, so with clipping on, the hooks
+    of the k-th backward only mark gradients ready and the last one to arrive clips them all and steps
     every parameter. That is correct but keeps all gradients alive until the end of that backward,
     i.e. it gives up the per-layer memory saving (a two-pass, LOMO-style norm pass is not implemented).
-    Assumes every parameter gets a gradient in every backward. Same arguments as GaLoreAdamW; the i-th
-    parameter's optimizer is seeded with seed + i so random projections match the one-optimizer run.
+    If some trainable parameter got no gradient in that backward, the ready ones wait for ``step()``,
+    which clips them by their global norm and updates them.
+
+    ``step()`` also updates (and frees the gradient of) any parameter holding a ``.grad`` no hook has
+    seen (set by hand, or after ``remove()``); such a gradient counts as complete (no accumulation
+    count) and is clipped together with the rest. After ``remove()`` (alias ``remove_hooks()``) the
+    optimizer therefore behaves as GaLoreAdamW with clipping inside ``step()``. Hooks hold the optimizer
+    weakly: keep a reference to it (they are removed when it is garbage-collected).
     """
 
-    def __init__(self, params, accumulation_steps=1, max_grad_norm=None, seed=0, **defaults):
+    updates_in_backward = True
+
+    def __init__(self, params, *args, accumulation_steps=1, max_grad_norm=None, **kwargs):
         _check(isinstance(accumulation_steps, int) and accumulation_steps >= 1, "accumulation_steps",
                accumulation_steps, "expected an int >= 1")
         _check(max_grad_norm is None or (_finite(max_grad_norm) and max_grad_norm > 0), "max_grad_norm",
                max_grad_norm, "expected None or a finite number > 0")
         self.accumulation_steps, self.max_grad_norm = accumulation_steps, max_grad_norm
-        groups = list(params)
-        groups = groups if isinstance(groups[0], dict) else [{"params": groups}]
-        self.optimizers, self._index, self._micro, self._ready, self._handles = {}, {}, {}, [], []
-        i = 0
-        for group in groups:
-            for p in group["params"]:
-                if p.requires_grad:
-                    self.optimizers[p] = GaLoreAdamW([{**group, "params": [p]}], seed=seed + i, **defaults)
-                    self._index[p], self._micro[p] = i, 0
-                    self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
-                i += 1
+        self._handles = {}  # id(p) -> hook handle
+        self._where = {}  # id(p) -> (position of its group, index in state_dict order)
+        self._micro = {}  # id(p) -> backward passes accumulated into p.grad since its last update
+        self._held = set()  # ids of parameters whose current .grad a hook has seen (accumulating/ready)
+        self._ready = {}  # clipping: id(p) -> p whose gradient is final and awaits the global norm
+        handles = []  # the finaliser must not reference self
+        self._handle_list = handles
+        weakref.finalize(self, _remove_handles, handles)
+        super().__init__(params, *args, **kwargs)  # calls add_param_group, which registers the hooks
 
-    def _hook(self, p):
-        self._micro[p] += 1
-        if self._micro[p] < self.accumulation_steps:
-            return  # keep accumulating into p.grad
-        self._micro[p] = 0
-        if self.max_grad_norm is None:
-            self._step(p)
-            return
-        self._ready.append(p)
-        if len(self._ready) == len(self.optimizers):
-            ready = sorted(self._ready, key=self._index.get)  # parameter order, as clip_grad_norm_ sums
-            self._ready = []
-            grads = [p.grad for p in ready]
-            total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-            coef = (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
-            for q in ready:
-                q.grad.mul_(coef)
-                self._step(q)
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        gi, group = len(self.param_groups) - 1, self.param_groups[-1]
+        index = sum(len(g["params"]) for g in self.param_groups[:-1])
+        ref = weakref.ref(self)  # the hook must not keep the optimizer alive
 
-    def _step(self, p):
-        self.optimizers[p].step()
-        p.grad = None  # the point of per-layer mode: this gradient's memory is free again
+        def hook(p):
+            opt = ref()
+            if opt is not None:
+                opt._on_grad(p)
 
-    def state_dict(self):
-        return {self._index[p]: opt.state_dict() for p, opt in self.optimizers.items()}
-
-    def load_state_dict(self, state_dict):
-        for p, opt in self.optimizers.items():
-            opt.load_state_dict(state_dict[self._index[p]])
+        for i, p in enumerate(group["params"]):
+            self._where[id(p)] = (gi, index + i)
+            if p.requires_grad:
+                handle = p.register_post_accumulate_grad_hook(hook)
+                self._handles[id(p)] = handle
+                self._handle_list.append(handle)
+                self._micro[id(p)] = 0
 
     def remove(self):
-        for h in self._handles:
+        """Detach the hooks: backward then only accumulates .grad and step() updates (GaLoreAdamW)."""
+        for h in self._handles.values():
             h.remove()
+        self._handles.clear()
+        self._handle_list.clear()
+
+    remove_hooks = remove
+
+    def backward(self, loss):
+        """``loss.backward()``: the hooks update (and clip) inside it; no separate norm pass is needed."""
+        loss.backward()
+
+    def _on_grad(self, p):
+        if p.grad is None or id(p) not in self._handles:
+            return
+        self._held.add(id(p))
+        self._micro[id(p)] += 1
+        if self._micro[id(p)] < self.accumulation_steps:
+            return  # keep accumulating into p.grad
+        self._micro[id(p)] = 0
+        if self.max_grad_norm is None:
+            self._step_param(p)
+            return
+        self._ready[id(p)] = p
+        if len(self._ready) == len(self._handles):
+            self._clip_and_step(self._take_ready())
+
+    def _take_ready(self):
+        ready = [p for p in self._ready.values() if p.grad is not None]
+        self._ready = {}
+        return ready
+
+    @torch.no_grad()
+    def _clip_and_step(self, params):
+        params = sorted(params, key=lambda q: self._where[id(q)][1])  # parameter order, as clip_grad_norm_
+        if params and self.max_grad_norm is not None:
+            grads = [q.grad for q in params]
+            total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            coef = (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
+            for g in grads:
+                g.mul_(coef)
+        for q in params:
+            self._step_param(q)
+
+    @torch.no_grad()
+    def _step_param(self, p):
+        if p.grad.is_sparse:
+            raise RuntimeError("GaLoreAdamW does not support sparse gradients")
+        gi, index = self._where[id(p)]
+        self._update(p, self.param_groups[gi], index)
+        p.grad = None  # the point of per-layer mode: this gradient's memory is free again
+        self._held.discard(id(p))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Complete the step: update the gradients still waiting for the global clipping norm, and any
+        .grad no hook has seen; a no-op when the hooks updated everything (the usual case)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        unseen = [p for g in self.param_groups for p in g["params"]
+                  if p.grad is not None and id(p) not in self._held]
+        todo = self._take_ready() + unseen
+        if todo:
+            self._clip_and_step(todo)
+        return loss
+
+    def zero_grad(self, set_to_none=True):
+        """As torch.optim; also discards partial accumulations (their counts restart at 0)."""
+        super().zero_grad(set_to_none)
+        self._held.clear()
+        self._ready = {}
+        self._micro = dict.fromkeys(self._micro, 0)
+
+
+def _remove_handles(handles):
+    for h in handles:
+        h.remove()
+    handles.clear()
 
 
 def GaLoreAdamW8bit(params, **kwargs):
@@ -391,10 +488,8 @@ def galore_state_numel(shape, rank=None, proj_type="std"):
 
 
 def optimizer_state_bytes(optimizer):
-    """Bytes of every tensor in ``optimizer.state`` (a PerLayerGaLore: all its optimizers); counts
+    """Bytes of every tensor in ``optimizer.state`` (PerLayerGaLore included: it is one optimizer); counts
     galore-torch's projector objects too, so the official optimizer can be measured the same way."""
-    if isinstance(optimizer, PerLayerGaLore):
-        return sum(optimizer_state_bytes(o) for o in optimizer.optimizers.values())
     total = 0
     for state in optimizer.state.values():
         for value in state.values():

@@ -175,6 +175,11 @@ class FusedOptimizer(Optimizer):
         total = torch.stack(norms).sum().sqrt() if norms else torch.zeros(())
         self._clip_coef = (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
 
+    @property
+    def updates_in_backward(self) -> bool:
+        """True when fused: the update runs inside `backward(loss)` (a loop then skips its own clipping)."""
+        return self.fused
+
     def backward(self, loss: torch.Tensor) -> None:
         """`loss.backward()`, preceded by the norm pass when fused clipping is on (2 backward passes)."""
         if self.fused and self.max_grad_norm is not None:
