@@ -10,8 +10,12 @@ NOTEBOOKS := $(shell find notebooks -name '*.ipynb' -not -path '*/.ipynb_checkpo
 export LRKIT_HEADLESS := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# One torch thread per notebook: results do not depend on the machine's core count (same seed, same
+# numbers), and `make reproduce` runs JOBS notebooks side by side instead (default: one per core).
+export OMP_NUM_THREADS ?= 1
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: help setup data test unit nbval reproduce index check-reports bench lab strip clean
+.PHONY: help setup data test unit nbval reproduce index readme check-reports bench lab strip clean
 help:
 	@echo "make reproduce [PROFILE=smoke|cpu|gpu|paper]  run every notebook, write reports/ (default: gpu if CUDA, else cpu)"
 	@echo "make test                                     unit tests + nbval over every notebook at smoke size"
@@ -42,9 +46,11 @@ nbval: setup data
 
 # ---- reproduce: one target per notebook, so `make -j2 reproduce` runs two at a time
 reproduce: setup data
-	$(MAKE) --no-print-directory $(addprefix run/,$(NOTEBOOKS))
+	$(MAKE) --no-print-directory -j $(JOBS) $(addprefix run/,$(NOTEBOOKS))
 	$(PY) -m lrkit.reports index --profile $(PROFILE)
 	@if [ "$$($(PY) -c 'from lrkit.reports import profile_settings as p; print(p("$(PROFILE)")["name"])')" = cpu ]; then $(PY) -m lrkit.reports readme; fi
+readme: setup
+	$(PY) -m lrkit.reports readme
 run/%: setup
 	$(PY) -m lrkit.reports run $* --profile $(PROFILE)
 

@@ -32,8 +32,11 @@ def pretrain(name: str, corpus, train: LMTrainConfig, *, method: str, model_size
 
 def finetune(name: str, dataset: dict, train: ClassifierTrainConfig, *, method: str, lr: float | None = None,
              **method_kw) -> RunResult:
-    """Fine-tune the pretrained MiniLM encoder on ``dataset`` with ``method``; ``lr`` overrides ``train.lr``."""
+    """Fine-tune the pretrained MiniLM encoder on ``dataset`` with ``method``; ``lr`` overrides ``train.lr``.
+    LoRA trains its adapters and the new classification head only (standard LoRA fine-tuning)."""
     train = replace(train, lr=lr) if lr is not None else train
+    if method in ("lora", "relora"):
+        method_kw.setdefault("lora_trainable", ("classifier",))
     seed_everything(train.seed)
     model, tokenizer = build_encoder_classifier(len(dataset["labels"]), seed=train.seed)
     setup = prepare(method, model, lr=train.lr, seed=train.seed, **method_kw)

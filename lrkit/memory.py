@@ -9,8 +9,10 @@ Adam and GaLore (:func:`lrkit.optim.galore.galore_state_numel`), applied to the 
 """
 from __future__ import annotations
 
+import gc
 import math
 import resource
+import time
 
 import torch
 
@@ -111,8 +113,9 @@ def measure_step_memory(model_size: str, method: str, *, rank: int | None = None
     Returns ``param_bytes``; ``grad_peak_bytes`` (:class:`GradientPeak` over all steps);
     ``optimizer_state_bytes`` after the last step; ``analytic_state_bytes`` =
     :func:`optimizer_state_numel` times the parameters' element size (None for 8-bit states, which
-    also hold quantisation maps and block scales); on CUDA ``peak_cuda_bytes``, the peak allocated
-    during the steps (weights, gradients, states and activations together).
+    also hold quantisation maps and block scales; bitsandbytes' two shared 256-entry maps are counted
+    once per parameter); on CUDA ``peak_cuda_bytes``, the peak allocated by this call above what was
+    allocated before it (weights, gradients, states and activations together).
     """
     from lrkit.methods import block_linears, prepare
     from lrkit.models import build_llama
@@ -126,10 +129,17 @@ def measure_step_memory(model_size: str, method: str, *, rank: int | None = None
         raise ValueError(f"Invalid rank: {rank!r} for method {method!r} (expected an int >= 1)")
     if not (isinstance(steps, int) and steps >= 1):
         raise ValueError(f"Invalid steps: {steps!r} (expected an int >= 1)")
+    if model_size not in LLAMA_SIZES:
+        raise ValueError(f"Invalid model size: {model_size!r} (expected one of {list(LLAMA_SIZES)})")
     dev = resolve_device(device)
     if method == "galore_8bit" and dev.type != "cuda":
         raise RuntimeError(f"method 'galore_8bit' needs a CUDA device (bitsandbytes' 8-bit Adam kernels), got {dev}")
 
+    if dev.type == "cuda":  # count only this call's tensors: drop earlier runs' garbage, start the peak here
+        gc.collect()
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        baseline = torch.cuda.memory_allocated(dev)
     model = build_llama(model_size, vocab_size, seq_len, seed=seed).to(dev).train()
     if method == "galore_8bit":  # the official optimizer, on the same groups as prepare() builds
         projected = [m.weight for m in block_linears(model).values()]
@@ -144,9 +154,6 @@ def measure_step_memory(model_size: str, method: str, *, rank: int | None = None
                             per_layer=method == "galore_per_layer", seed=seed).optimizer
     batch = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(seed))
     batch = batch.to(dev)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
     with GradientPeak(model) as grads:
         for _ in range(steps):
             loss = lm_loss(model, batch)
@@ -166,5 +173,106 @@ def measure_step_memory(model_size: str, method: str, *, rank: int | None = None
            "loss": loss.item()}
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+        out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(dev) - baseline
+    return out
+
+
+def step_memory_run(name: str, *, model_size: str, method: str, seed: int = 0, **kwargs):
+    """:func:`measure_step_memory` as a run record (for ``lrkit.experiments.run_all``): its arguments
+    in ``config``, the byte figures and last loss in ``final`` (what ``make check-reports`` compares)."""
+    from lrkit.records import RunResult
+    from lrkit.utils import device_info
+
+    t0 = time.perf_counter()
+    m = measure_step_memory(model_size, method, seed=seed, **kwargs)
+    wall = time.perf_counter() - t0
+    info = device_info(m["device"])
+    figures = {k: v for k, v in m.items() if k.endswith("_bytes")}
+    config = {"model_size": model_size, "method": method, "rank": m["rank"], "parameters": m["parameters"],
+              **{k: v for k, v in kwargs.items() if k != "rank"}}
+    return RunResult(name=name, config=config, seed=seed, device=info["device"], device_name=info["device_name"],
+                     final={"loss": m["loss"], **figures}, wall_time_s=wall, memory=figures)
+
+
+# ------------------------------------------------------------------------ AdaLomo paper (Sec. 4.4)
+# Training memory per recipe as the LOMO paper counts it (arXiv 2306.09782, Table 1: mixed precision,
+# fp16 weights, activations excluded here). AdamW: fp16 weights 2 + fp16 gradients 2 + fp32 master
+# weights 4 + fp32 moments 8 = 16 bytes/param; SGD: 2 + 2 + 4 = 8; LOMO: fp16 weights 2 and, being fused,
+# one fp16 gradient alive at a time (the largest tensor's); AdaLomo: LOMO's plus its factored fp32 second
+# moment (lrkit.optim.adalomo.adalomo_state_numel), no master weights (the update is computed in fp32 on
+# a copy and rounded into the fp16 weight).
+RECIPES = ("adamw", "sgd", "lomo", "adalomo")
+
+
+def recipe_memory_bytes(size: str, recipe: str, vocab_size: int = 32000) -> dict:
+    """Analytic training-memory bytes of a LLaMA of ``size`` under ``recipe`` (see :data:`RECIPES`):
+    ``param_bytes``, ``grad_bytes``, ``master_bytes``, ``state_bytes`` and their sum ``total_bytes``.
+    Activations, temporaries and framework overhead are not included."""
+    from lrkit.optim.adalomo import adalomo_state_numel
+
+    if recipe not in RECIPES:
+        raise ValueError(f"Invalid recipe: {recipe!r} (expected one of {RECIPES})")
+    shapes = [s for _, s in llama_weight_shapes(size, vocab_size)]
+    n = sum(math.prod(s) for s in shapes)
+    largest = max(math.prod(s) for s in shapes)
+    fused = recipe in ("lomo", "adalomo")
+    parts = {"param_bytes": 2 * n, "grad_bytes": 2 * (largest if fused else n),
+             "master_bytes": 0 if fused else 4 * n,
+             "state_bytes": {"adamw": 8 * n, "sgd": 0, "lomo": 0,
+                             "adalomo": 4 * sum(adalomo_state_numel(s) for s in shapes)}[recipe]}
+    return {"model_size": size, "recipe": recipe, "parameters": n, **parts, "total_bytes": sum(parts.values())}
+
+
+def measure_method_memory(model_size: str, method: str, *, vocab_size: int = 1024, batch_size: int = 2,
+                          seq_len: int = 64, steps: int = 2, lr: float = 1e-3, device: str = "auto",
+                          seed: int = 0, **method_kw) -> dict:
+    """Like :func:`measure_step_memory` for any method of :func:`lrkit.methods.prepare` (AdaLomo paper:
+    "adalomo", "lomo", "adafactor", "full", "lora"; ``method_kw`` such as ``rank``, ``max_grad_norm``
+    or AdaLomo's ``normalization`` go to prepare): a fresh LLaMA of ``model_size`` trained ``steps``
+    steps on random tokens, bytes measured from its tensors.
+
+    Returns ``param_bytes``, ``grad_peak_bytes`` (:class:`GradientPeak`: the most gradient bytes alive
+    at once), ``optimizer_state_bytes`` (every tensor in the optimizer state after the last step) and
+    ``held_bytes``, their sum besides the weights; for AdaLomo also its ``persistent_state_bytes`` and
+    modelled ``transient_peak_bytes``; on CUDA ``peak_cuda_bytes`` (everything, activations included).
+    """
+    from lrkit.methods import prepare
+    from lrkit.models import build_llama
+    from lrkit.train import lm_loss
+    from lrkit.utils import resolve_device
+
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"Invalid steps: {steps!r} (expected an int >= 1)")
+    dev = resolve_device(device)
+    model = build_llama(model_size, vocab_size, seq_len, seed=seed).to(dev).train()
+    setup = prepare(method, model, lr=lr, seed=seed, **method_kw)
+    model, optimizer = setup.model.to(dev), setup.optimizer
+    batch = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(seed))
+    batch = batch.to(dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    with GradientPeak(model) as grads:
+        for _ in range(steps):
+            loss = lm_loss(model, batch)
+            if getattr(optimizer, "updates_in_backward", False):
+                optimizer.backward(loss)
+            else:
+                loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    state = optimizer_state_bytes(optimizer)
+    out = {"model_size": model_size, "method": method, "device": str(dev),
+           "parameters": sum(p.numel() for p in model.parameters()),
+           "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+           "grad_peak_bytes": grads.peak, "optimizer_state_bytes": state, "held_bytes": state + grads.peak,
+           "loss": loss.item()}
+    for k in ("persistent_state_bytes", "transient_peak_bytes"):
+        if hasattr(optimizer, k):
+            out[k] = getattr(optimizer, k)()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
         out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(dev)
+    if hasattr(optimizer, "remove_hooks"):
+        optimizer.remove_hooks()
     return out

@@ -42,13 +42,17 @@ def prepare(method: str, model: nn.Module, *, lr: float, rank: int | None = None
             update_proj_gap: int = 200, scale: float = 0.25, proj_method: str = "svd",
             switch_subspace: bool = True, moments_on_switch: str = "keep", per_layer: bool = False,
             max_grad_norm: float | None = None, lora_alpha: float | None = None,
-            relora_every: int | None = None, seed: int = 0, **optim_kw) -> Prepared:
+            relora_every: int | None = None, lora_trainable: tuple[str, ...] | None = None, seed: int = 0,
+            **optim_kw) -> Prepared:
     """Set ``model`` up for ``method`` and build its optimizer (AdamW: galore-torch's HF-style one).
 
     ``rank`` is required for the low-rank methods (galore, lora, low_rank, relora). ``per_layer``
     (GaLore only) updates inside backward; then ``max_grad_norm`` is applied by the optimizer (global
     norm), not by the loop, as for the fused optimizers (adalomo, lomo). ``optim_kw`` go to the
     optimizer of adalomo (e.g. normalization, second_moment, factor_rank, fused), lomo and adafactor.
+    ``lora_trainable``: for lora/relora, name substrings of the non-adapter parameters that stay
+    trainable; None keeps every one outside the adapted layers (pre-training from scratch, as the
+    paper's baseline), ``("classifier",)`` is standard LoRA fine-tuning (adapters + new head only).
     """
     if method not in METHODS:
         raise ValueError(f"Invalid method: {method!r} (expected one of {METHODS})")
@@ -96,7 +100,7 @@ def prepare(method: str, model: nn.Module, *, lr: float, rank: int | None = None
             model = get_peft_model(model, cfg)
         for n, p in model.named_parameters():  # embeddings, norms, heads stay trainable, as in the paper
             if "lora_" not in n and not any(f"{t}.base_layer." in n for t in targets):
-                p.requires_grad_(True)
+                p.requires_grad_(lora_trainable is None or any(k in n for k in lora_trainable))
         info["lora_alpha"] = alpha
     opt = GaLoreAdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     callbacks = []

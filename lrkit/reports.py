@@ -17,6 +17,7 @@ import html
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -65,6 +66,8 @@ def run_notebook(nb: str | Path, profile: str = "auto") -> Path:
     key = notebook_key(nb)
     final = records.report_dir(key, prof["name"])
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{prof['name']}.staging-*"):  # left by a killed run (one run per notebook)
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{prof['name']}.staging-"))
     staging.chmod(0o755)
     params = {**notebook_parameters(nb, prof["name"]), "profile": prof["name"], "report_dir": str(staging)}
@@ -256,6 +259,8 @@ def main(argv=None) -> int:
     c.add_argument("--rtol", type=float, default=0.02)
     c.add_argument("--ref", default="HEAD")
     args = ap.parse_args(argv)
+    # `kill` or a CI timeout: unwind through the cleanup that removes the staging directory.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.cmd == "run":
         for nb in args.notebooks:
             run_notebook(nb, args.profile)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrkit.optim.adalomo import AdaLomo, nmf_refine
+from lrkit.optim.adalomo import AdaLomo, adalomo_state_numel, layer_groups, nmf_refine
 from lrkit.optim.lomo import Lomo
 
 V, D, STEPS = 11, 8, 6
@@ -422,3 +422,115 @@ def test_lomo_clipping_matches_torch_clip():
         ob.step()
         ob.zero_grad()
     assert max_diff(a, b) < 1e-6
+
+
+# ---- memory formulas and helpers for the notebooks ----------------------------------------------------
+@pytest.mark.parametrize("second_moment,factor_rank", [("nmf", 1), ("nmf", 2), ("svd", 2), ("qr", 4), ("full", 1)])
+def test_state_numel_formula_equals_measured_state_of_a_llama(second_moment, factor_rank):
+    from lrkit.memory import llama_weight_shapes
+    from lrkit.models import build_llama
+
+    vocab = 96
+    model = build_llama("nano", vocab, 16, seed=0)
+    opt = AdaLomo(model.parameters(), lr=0.01, second_moment=second_moment, factor_rank=factor_rank)
+    x = torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(0))
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    measured = {p: sum(v.numel() for v in opt.state[p].values() if isinstance(v, torch.Tensor)) for p in model.parameters()}
+    assert all(measured[p] == adalomo_state_numel(p.shape, second_moment, factor_rank) for p in model.parameters())
+    analytic = sum(adalomo_state_numel(s, second_moment, factor_rank) for _, s in llama_weight_shapes("nano", vocab))
+    assert 4 * analytic == 4 * sum(measured.values()) == opt.persistent_state_bytes()
+
+
+def test_state_numel_of_llama_7b_and_recipe_bytes():
+    from lrkit.memory import GIB, llama_weight_shapes, recipe_memory_bytes
+
+    assert adalomo_state_numel((11008, 4096)) == 11008 + 4096 and adalomo_state_numel((4096,)) == 4096
+    assert adalomo_state_numel((3, 5, 7)) == 3 * (5 + 7)  # leading dims are a batch
+    n = sum(adalomo_state_numel(s) for _, s in llama_weight_shapes("7b"))
+    assert n == 2_836_992  # METHODS.md: "about 2.8M fp32 values (about 11 MiB)"
+    rec = {r: recipe_memory_bytes("7b", r) for r in ("adamw", "sgd", "lomo", "adalomo")}
+    params = rec["adamw"]["parameters"]
+    assert rec["adamw"]["total_bytes"] == 16 * params and rec["sgd"]["total_bytes"] == 8 * params
+    assert rec["adalomo"]["state_bytes"] == 4 * n
+    assert rec["lomo"]["grad_bytes"] == rec["adalomo"]["grad_bytes"] == 2 * 32000 * 4096  # one gradient: the embedding's
+    # the LOMO paper's Table 1 (GiB, activations included) sits ~2 GiB above the weights+grads+states count
+    for recipe, paper in (("adamw", 102.20), ("sgd", 51.99), ("lomo", 14.58)):
+        assert 0 < paper - rec[recipe]["total_bytes"] / GIB < 2.5
+    with pytest.raises(ValueError, match="Invalid recipe"):
+        recipe_memory_bytes("7b", "adam")
+
+
+def test_layer_groups_one_group_per_block():
+    from lrkit.models import build_llama
+
+    model = build_llama("nano", 64, 16, seed=0)
+    groups = layer_groups(model)
+    assert [g["name"] for g in groups] == ["layers.0", "layers.1", "rest"]
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(set(ids)) == len(ids)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(".layers.1." in names[id(p)] for p in groups[1]["params"])
+    assert {names[id(p)] for p in groups[2]["params"]} == {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    # "layer" normalisation over these groups: each block's updates share one RMS, fused == unfused
+    a, b = build_llama("nano", 64, 16, seed=0), build_llama("nano", 64, 16, seed=0)
+    oa = AdaLomo(layer_groups(a), lr=0.05, normalization="layer")
+    ob = AdaLomo(layer_groups(b), lr=0.05, normalization="layer", fused=False)
+    x = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    for m, o in ((a, oa), (b, ob)):
+        for _ in range(2):
+            m(input_ids=x, labels=x).loss.backward()
+            o.step()
+            o.zero_grad()
+    assert max_diff(a, b) < 1e-6
+
+
+def test_layer_normalization_with_one_group_warns():
+    with pytest.warns(UserWarning, match="which is 'global'"):
+        AdaLomo(tiny().parameters(), normalization="layer")
+
+
+def test_measure_method_memory_fused_holds_one_gradient():
+    from lrkit.memory import measure_method_memory
+
+    full = measure_method_memory("nano", "full", vocab_size=64, seq_len=8, steps=1)
+    ada = measure_method_memory("nano", "adalomo", vocab_size=64, seq_len=8, steps=1)
+    assert full["grad_peak_bytes"] == full["param_bytes"]  # every gradient alive before step()
+    assert full["optimizer_state_bytes"] == 2 * full["param_bytes"]  # Adam's M and V
+    from lrkit.models import build_llama
+
+    largest = max(p.numel() for p in build_llama("nano", 64, 8).parameters())
+    assert ada["grad_peak_bytes"] == 4 * largest  # fused: one gradient at a time
+    assert ada["optimizer_state_bytes"] == ada["persistent_state_bytes"]
+    assert ada["held_bytes"] < full["held_bytes"] / 5
+
+
+# ---- paper-profile benchmarks (lm-eval) --------------------------------------------------------------
+def test_run_lm_eval_says_what_to_install(monkeypatch):
+    import sys
+
+    from lrkit.evaluation import EvaluationUnavailableError, run_lm_eval
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError
+    with pytest.raises(EvaluationUnavailableError, match=r"pip install lm-eval.*internet"):
+        run_lm_eval("some/model", tasks=["mmlu"])
+
+
+def test_run_lm_eval_needs_internet(monkeypatch):
+    import sys
+    import types
+
+    from lrkit.evaluation import EvaluationUnavailableError, run_lm_eval
+
+    fake = types.ModuleType("lm_eval")
+    models, hf = types.ModuleType("lm_eval.models"), types.ModuleType("lm_eval.models.huggingface")
+    hf.HFLM = object
+    for name, mod in (("lm_eval", fake), ("lm_eval.models", models), ("lm_eval.models.huggingface", hf)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EvaluationUnavailableError, match="HF_HUB_OFFLINE is set.*needs internet"):
+        run_lm_eval("some/model", tasks=["gsm8k"])
+    with pytest.raises(ValueError, match="Invalid tasks"):
+        run_lm_eval("some/model", tasks="mmlu")
+    with pytest.raises(ValueError, match="Invalid tokenizer"):
+        run_lm_eval(tiny(), tasks=["mmlu"])

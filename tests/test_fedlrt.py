@@ -11,7 +11,7 @@ from lrkit.fed import fedlrt, partition
 from lrkit.fed.fedlrt import augment, augmented_coefficients, truncate
 from lrkit.fed.layers import LowRankConv2d, LowRankLinear, low_rank_layers, to_low_rank
 from lrkit.fed.problems import least_squares
-from lrkit.fed.simulate import run_fedavg, run_fedlin, run_fedlrt
+from lrkit.fed.simulate import run_fedavg, run_fedlin, run_fedlrt, to_run_result
 
 torch.set_num_threads(1)
 
@@ -279,3 +279,21 @@ def test_least_squares_variance_correction_descends_further():
         assert h[-1]["loss"] < 0.2 * h[0]["loss"]
     print("excess global loss over the least-squares floor:", excess, "floor", P["loss_ls"])
     assert excess["full"] < 0.3 * excess["none"]
+
+
+def test_to_run_result_sums_clients_and_records():
+    P = least_squares(**LS)
+    res = run_fedlrt(lambda: nn.Linear(8, 8, bias=False), P["clients"], 2, initial_rank=2, variance_correction="full")
+    rr = to_run_result("fedlrt", res, {"seed": 0, "rounds": 2}, wall_time_s=1.5)
+    h = res["history"]
+    assert [r["round"] for r in rr.history] == [0, 1, 2] and rr.history[0]["bytes_down"] == 0
+    assert rr.history[2]["bytes_up"] == sum(h[2]["bytes_up"].values()) and rr.history[2]["clients"] == 4
+    per = (sum(h[1]["bytes_down"].values()) + sum(h[1]["bytes_up"].values())) / 4
+    assert rr.history[1]["bytes_per_client"] == per
+    assert rr.final["loss"] == h[-1]["loss"] and rr.final["rounds"] == 2 and rr.wall_time_s == 1.5
+    assert rr.final["ranks"] == h[-1]["ranks"]
+    from lrkit.records import load, save_run
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        save_run(d, rr)
+        assert load(d)["runs"]["fedlrt"]["final"]["rounds"] == 2

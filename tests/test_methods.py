@@ -120,3 +120,14 @@ def test_adalomo_paper_optimizers_train(method, kw):
 def test_optimizer_options_only_where_accepted():
     with pytest.raises(ValueError, match="Invalid options \\['normalization'\\] for method 'galore'"):
         prepare("galore", _model(), lr=1e-3, rank=2, normalization="none")
+
+
+def test_lora_fine_tuning_trains_adapters_and_head_only():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    bert = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                                    num_attention_heads=2, intermediate_size=32, num_labels=2))
+    p = prepare("lora", bert, lr=1e-3, rank=2, lora_trainable=("classifier",))
+    trainable = {n for n, q in p.model.named_parameters() if q.requires_grad}
+    assert trainable and all("lora_" in n or "classifier" in n for n in trainable)
+    assert any("classifier" in n for n in trainable)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["least_squares"]
+__all__ = ["least_squares", "image_classification", "dirichlet_clients", "mlp"]
 
 
 def least_squares(n: int = 20, rank: int = 2, num_clients: int = 4, samples_per_client: int = 40,
@@ -44,3 +44,43 @@ def least_squares(n: int = 20, rank: int = 2, num_clients: int = 4, samples_per_
     loss_ls = float(((X_all @ W_ls.T - Y_all) ** 2).mean())
     return {"clients": [(X.float(), Y.float()) for X, Y in clients], "W_star": W_star.float(),
             "W_ls": W_ls.float(), "loss_ls": loss_ls}
+
+
+def image_classification(dataset: str = "fashion_mnist", train_size: int = 6000, test_size: int = 2000,
+                         seed: int = 0, flatten: bool = True) -> dict:
+    """A seeded subsample of an image data set as float tensors in [0, 1]: {"X", "y", "X_test", "y_test"}.
+
+    ``flatten``: (N, H*W*C) vectors for MLPs; else NCHW images (Fashion-MNIST gains a channel axis,
+    CIFAR-10's NHWC is permuted)."""
+    import numpy as np
+
+    from lrkit import data
+
+    if dataset not in ("fashion_mnist", "cifar10"):
+        raise ValueError(f"Invalid dataset: {dataset!r} (expected 'fashion_mnist' or 'cifar10')")
+    d = data.load(dataset)
+    rng = np.random.default_rng(seed)
+    tr = rng.permutation(len(d["y_train"]))[:train_size]
+    te = rng.permutation(len(d["y_test"]))[:test_size]
+
+    def images(x):
+        x = torch.tensor(x / 255.0, dtype=torch.float32)
+        if flatten:
+            return x.reshape(len(x), -1)
+        return x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+
+    return {"X": images(d["x_train"][tr]), "y": torch.tensor(d["y_train"][tr]),
+            "X_test": images(d["x_test"][te]), "y_test": torch.tensor(d["y_test"][te])}
+
+
+def dirichlet_clients(X: torch.Tensor, y: torch.Tensor, num_clients: int, alpha: float, seed: int = 0) -> list:
+    """[(X_c, y_c)] for ``num_clients`` clients whose label mix is Dirichlet(``alpha``) (lrkit.fed.partition)."""
+    from lrkit.fed.partition import dirichlet
+
+    return [(X[p], y[p]) for p in dirichlet(y.numpy(), num_clients, alpha, seed=seed)]
+
+
+def mlp(input_dim: int, hidden: int, classes: int = 10):
+    """A builder for the vision MLP input -> hidden -> classes; its head is module "2" (kept dense)."""
+    return lambda: torch.nn.Sequential(torch.nn.Linear(input_dim, hidden), torch.nn.ReLU(),
+                                       torch.nn.Linear(hidden, classes))

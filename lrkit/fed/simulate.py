@@ -28,7 +28,7 @@ from lrkit.fed import fedlrt
 from lrkit.fed.fedlrt import key
 from lrkit.fed.layers import LowRankConv2d, LowRankLinear, low_rank_layers, to_low_rank
 
-__all__ = ["Channel", "forward_flops", "layer_dims", "run_fedlrt", "run_fedavg", "run_fedlin"]
+__all__ = ["Channel", "forward_flops", "layer_dims", "run_fedlrt", "run_fedavg", "run_fedlin", "to_run_result"]
 
 
 class Channel:
@@ -283,3 +283,34 @@ def run_fedlin(model_fn, clients_data, rounds, *, lr=0.1, local_steps=1, optimiz
     on full weights; one extra exchange of gradients (n_params up, n_params down)."""
     return _run_dense(model_fn, clients_data, rounds, "full", lr, local_steps, optimizer, batch_size, loss_fn,
                       seed, client_fraction, weighted, eval_data)
+
+
+def to_run_result(name: str, result: dict, config: dict, wall_time_s: float = 0.0):
+    """A simulator result as a `lrkit.records.RunResult` for `records.save_run`.
+
+    history: per round the scalar metrics, ranks, and the per-client costs summed over the participating
+    clients (floats_*, bytes_*, flops, wall_time) plus bytes_per_client (down + up, mean over them).
+    final: the last round's metrics, and the mean bytes_per_client and flops_per_client over rounds >= 1."""
+    from lrkit.records import RunResult
+    from lrkit.utils import device_info
+
+    history = []
+    for rec in result["history"]:
+        row = {k: v for k, v in rec.items() if not isinstance(v, dict) and k != "clients"}
+        row["ranks"] = dict(rec["ranks"])
+        row["clients"] = len(rec["clients"])
+        for k in ("floats_down", "floats_up", "bytes_down", "bytes_up", "flops", "wall_time"):
+            row[k] = sum(rec[k].values())
+        n = max(1, len(rec["clients"]))
+        row["bytes_per_client"] = (row["bytes_down"] + row["bytes_up"]) / n
+        row["flops_per_client"] = row["flops"] / n
+        history.append(row)
+    rounds = history[1:] or history
+    final = {k: v for k, v in history[-1].items() if k not in ("round", "clients")}
+    final |= {"rounds": history[-1]["round"],
+              "bytes_per_client_round": float(np.mean([h["bytes_per_client"] for h in rounds])),
+              "flops_per_client_round": float(np.mean([h["flops_per_client"] for h in rounds]))}
+    info = device_info("cpu")
+    return RunResult(name=name, config=dict(config), seed=int(config.get("seed", 0)), device=info["device"],
+                     device_name=info["device_name"], history=history, final=final, wall_time_s=float(wall_time_s),
+                     memory={})

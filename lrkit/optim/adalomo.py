@@ -20,6 +20,8 @@ The hook machinery (fused/unfused modes, two-pass clipping, misuse errors, `paus
 from __future__ import annotations
 
 import math
+import re
+import warnings
 
 import torch
 
@@ -27,6 +29,58 @@ from lrkit.optim.lomo import FusedOptimizer, _check
 
 NORMALIZATIONS = ("grouped", "none", "global", "layer")
 SECOND_MOMENTS = ("nmf", "svd", "qr", "full")
+_BLOCK = re.compile(r"(^|\.)(layers|layer)\.(\d+)\.")  # as lrkit.methods: LLaMA "layers.3.", BERT "layer.3."
+
+
+def adalomo_state_shapes(shape, second_moment: str = "nmf", factor_rank: int = 1) -> dict[str, tuple]:
+    """Shapes of the fp32 state AdaLomo keeps for a parameter of ``shape`` (the step counter aside).
+
+    Vectors (and ``second_moment="full"``) keep an EMA of their own shape; matrices, factored over the
+    last two dims (n x m, leading dims a batch), keep a row factor (n) and a column factor (m) at rank 1
+    ("nmf", the paper's default), or two rank-k factors: "nmf" A (n x k), B (m x k); "svd" P (n x k),
+    Q (m x k); "qr" Q (n x k), W (k x m); k = min(factor_rank, n, m)."""
+    shape = tuple(shape)
+    if second_moment not in SECOND_MOMENTS:
+        raise ValueError(f"Invalid second_moment: {second_moment!r} (expected one of {SECOND_MOMENTS})")
+    if len(shape) < 2 or second_moment == "full":
+        return {"v": shape}
+    *b, n, m = shape
+    b, k = tuple(b), min(factor_rank, n, m)
+    if second_moment == "nmf" and k == 1:
+        return {"r": b + (n,), "c": b + (m,)}
+    if second_moment == "nmf":
+        return {"A": b + (n, k), "B": b + (m, k)}
+    if second_moment == "svd":
+        return {"P": b + (n, k), "Q": b + (m, k)}  # V = P Q^T, singular values split over both
+    return {"Q": b + (n, k), "W": b + (k, m)}  # qr: V = Q W with W = Q^T target
+
+
+def adalomo_state_numel(shape, second_moment: str = "nmf", factor_rank: int = 1) -> int:
+    """fp32 state elements AdaLomo keeps for one parameter: n + m for an n x m matrix at the default
+    rank-1 factorisation (times any leading batch dims), numel for a vector. Sum it over a model's
+    weight shapes (e.g. ``lrkit.memory.llama_weight_shapes``) for the paper's memory figures."""
+    return sum(math.prod(s) for s in adalomo_state_shapes(shape, second_moment, factor_rank).values())
+
+
+def layer_groups(model: torch.nn.Module) -> list[dict]:
+    """Param groups for ``normalization="layer"``: one per transformer block (parameters named
+    ``...layers.N.``; BERT ``layer.N.``), in block order, then one group with everything else
+    (embeddings, final norm, head) -- the "layer" of the ablation is one block. Each group carries a
+    ``name`` key ("layers.0", ..., "rest"); only parameters that require grad are included, tied
+    weights once."""
+    blocks: dict[int, list] = {}
+    rest = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        m = _BLOCK.search(name)
+        (blocks.setdefault(int(m.group(3)), []) if m else rest).append(p)
+    groups = [{"params": blocks[i], "name": f"layers.{i}"} for i in sorted(blocks)]
+    if rest:
+        groups.append({"params": rest, "name": "rest"})
+    if not groups:
+        raise ValueError("model has no trainable parameters")
+    return groups
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +121,7 @@ class AdaLomo(FusedOptimizer):
 
     Args:
         params: parameters or param groups. With ``normalization="layer"`` each param group is one
-            "layer" (build one group per transformer block).
+            "layer" (one group per transformer block: :func:`layer_groups`).
         lr, eps=(eps1, eps2), clip_threshold (d), decay_rate, weight_decay: as above (official defaults).
         fused: update inside backward and free each gradient at once (True), or in ``step()`` (False;
             needed for gradient accumulation).
@@ -117,22 +171,16 @@ class AdaLomo(FusedOptimizer):
                         seed=seed)
         super().__init__(params, defaults, fused, max_grad_norm)
         self._buffers: dict[object, tuple[int, list]] = {}  # "global"/"layer" updates awaiting their set
+        layered = [g for g in self.param_groups if g["normalization"] == "layer"]
+        if len(layered) == 1 and len(layered[0]["params"]) > 1:
+            warnings.warn("normalization='layer' with a single param group normalises all of its parameters "
+                          "together, which is 'global'; pass one group per transformer block "
+                          "(lrkit.optim.adalomo.layer_groups(model))")
 
     # ---- second moment ---------------------------------------------------------------------------
     @staticmethod
     def _state_shapes(p: torch.Tensor, group: dict) -> dict[str, tuple]:
-        kind = group["second_moment"]
-        if p.dim() < 2 or kind == "full":
-            return {"v": tuple(p.shape)}
-        *b, n, m = p.shape
-        b, k = tuple(b), min(group["factor_rank"], n, m)
-        if kind == "nmf" and k == 1:
-            return {"r": b + (n,), "c": b + (m,)}
-        if kind == "nmf":
-            return {"A": b + (n, k), "B": b + (m, k)}
-        if kind == "svd":
-            return {"P": b + (n, k), "Q": b + (m, k)}  # V = P Q^T, singular values split over both
-        return {"Q": b + (n, k), "W": b + (k, m)}  # qr: V = Q W with W = Q^T target
+        return adalomo_state_shapes(p.shape, group["second_moment"], group["factor_rank"])
 
     def _generator(self, p: torch.Tensor, group: dict, t: int) -> torch.Generator:
         # one stream per (seed, parameter, step): reproducible, independent of hook firing order
@@ -270,4 +318,5 @@ class AdaLomo(FusedOptimizer):
         return peak + max(sets.values(), default=0)
 
 
-__all__ = ["AdaLomo", "nmf_refine", "NORMALIZATIONS", "SECOND_MOMENTS"]
+__all__ = ["AdaLomo", "nmf_refine", "adalomo_state_shapes", "adalomo_state_numel", "layer_groups",
+           "NORMALIZATIONS", "SECOND_MOMENTS"]
