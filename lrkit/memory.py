@@ -234,7 +234,8 @@ def measure_method_memory(model_size: str, method: str, *, vocab_size: int = 102
     Returns ``param_bytes``, ``grad_peak_bytes`` (:class:`GradientPeak`: the most gradient bytes alive
     at once), ``optimizer_state_bytes`` (every tensor in the optimizer state after the last step) and
     ``held_bytes``, their sum besides the weights; for AdaLomo also its ``persistent_state_bytes`` and
-    modelled ``transient_peak_bytes``; on CUDA ``peak_cuda_bytes`` (everything, activations included).
+    modelled ``transient_peak_bytes``; on CUDA ``peak_cuda_bytes``, the peak allocated by this call above
+    what was allocated before it (weights, gradients, states and activations together).
     """
     from lrkit.methods import prepare
     from lrkit.models import build_llama
@@ -244,14 +245,16 @@ def measure_method_memory(model_size: str, method: str, *, vocab_size: int = 102
     if not (isinstance(steps, int) and steps >= 1):
         raise ValueError(f"Invalid steps: {steps!r} (expected an int >= 1)")
     dev = resolve_device(device)
+    if dev.type == "cuda":  # count only this call's tensors, as measure_step_memory
+        gc.collect()
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        baseline = torch.cuda.memory_allocated(dev)
     model = build_llama(model_size, vocab_size, seq_len, seed=seed).to(dev).train()
     setup = prepare(method, model, lr=lr, seed=seed, **method_kw)
     model, optimizer = setup.model.to(dev), setup.optimizer
     batch = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(seed))
     batch = batch.to(dev)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
     with GradientPeak(model) as grads:
         for _ in range(steps):
             loss = lm_loss(model, batch)
@@ -272,7 +275,7 @@ def measure_method_memory(model_size: str, method: str, *, vocab_size: int = 102
             out[k] = getattr(optimizer, k)()
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-        out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(dev)
+        out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(dev) - baseline
     if hasattr(optimizer, "remove_hooks"):
         optimizer.remove_hooks()
     return out
