@@ -6,9 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lrkit-setup
 PROFILE ?= auto
 NOTEBOOKS := $(shell find notebooks -name '*.ipynb' -not -path '*/.ipynb_checkpoints/*' | sort)
-# Headless runs: no progress bars, no network lookups by Hugging Face libraries.
+# Headless runs: no progress bars; no network lookups by Hugging Face libraries except on the paper
+# profile, whose data (C4, CIFAR-10) and benchmarks (lm-eval) are online.
 export LRKIT_HEADLESS := 1
-export HF_HUB_OFFLINE := 1
+export HF_HUB_OFFLINE := $(if $(filter paper,$(PROFILE)),0,1)
 export TOKENIZERS_PARALLELISM := false
 # One torch thread per notebook: results do not depend on the machine's core count (same seed, same
 # numbers), and `make reproduce` runs JOBS notebooks side by side instead (default: one per core).

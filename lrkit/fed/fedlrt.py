@@ -1,5 +1,5 @@
 """FeDLRT client and server steps as pure tensor functions (Schotthoefer & Laiu, arXiv 2406.17887, Sec. 3,
-Algorithm 1; the kit's reading is /work/shared/METHODS.md section 3, whose step numbers are cited below).
+Algorithm 1; the kit's reading is METHODS.md section 3 (the team's algorithm reference), whose step numbers are cited below).
 
 One round for every factorised layer W = U S V^T (U: n_out x r, V: n_in x r orthonormal, S: r x r):
   1. server -> clients: U, S, V                                    (`global_state`)

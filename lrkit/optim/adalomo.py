@@ -2,7 +2,7 @@
 2024, arXiv 2310.10195), section 3 (the method, Algorithm 1): LOMO's fused update with a factored
 (non-negative matrix factorisation) second moment and grouped update normalisation, no first moment.
 
-Follows /work/shared/METHODS.md section 2, checked line by line against the official
+Follows METHODS.md section 2 (the team's algorithm reference), checked line by line against the official
 `lomo_optim/adalomo.py` (OpenLMLab/LOMO, PyPI lomo-optim 0.1.1). Where they differ:
   * tensors with more than 2 dims: the official code allocates factors of length shape[0] and shape[1]
     and then fails on the first update (its row mean has shape shape[:-1]). The kit factors over the

@@ -3,7 +3,7 @@
 Implements the paper's Algorithm 2 ("Adam with GaLore") with the "composition of low-rank subspaces"
 of Sec. 4 (a projector refreshed every T = update_proj_gap steps), and the per-layer weight updates
 and 8-bit states the paper combines it with. By default it follows the official code step for step
-(github jiaweizzhao/GaLore, PyPI galore-torch 1.0); see /work/shared/METHODS.md section 1.
+(github jiaweizzhao/GaLore, PyPI galore-torch 1.0); see METHODS.md section 1 (the team's algorithm reference).
 Knobs beyond the official code (all param-group keys):
   proj_method        "svd" | "randomized_svd" | "random" | "online_pca" (Online Subspace Descent,
                      arXiv 2408.12857)
