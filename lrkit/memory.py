@@ -65,6 +65,22 @@ class GradientPeak:
         self._handles = []
 
 
+def _measured_steps(model, optimizer, vocab_size, batch_size, seq_len, steps, seed, device):
+    """``steps`` optimizer steps on one seeded random batch under a GradientPeak; returns the tracker and
+    the last loss."""
+    from lrkit.train import backward_and_clip, lm_loss  # lrkit.train imports this module
+
+    batch = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(seed))
+    batch = batch.to(device)
+    with GradientPeak(model) as grads:
+        for _ in range(steps):
+            loss = lm_loss(model, batch)
+            backward_and_clip(loss, model, optimizer, None)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return grads, loss
+
+
 def llama_weight_shapes(size: str, vocab_size: int = 32000, tied: bool = False) -> list[tuple[str, tuple]]:
     """(kind, shape) of every parameter of a LLaMA of ``size`` (lrkit.models.LLAMA_SIZES): kind is
     'block' for the nn.Linear weights GaLore projects, 'other' for embeddings, head and norms."""
@@ -120,7 +136,6 @@ def measure_step_memory(model_size: str, method: str, *, rank: int | None = None
     from lrkit.methods import block_linears, prepare
     from lrkit.models import build_llama
     from lrkit.optim.galore import GaLoreAdamW8bit
-    from lrkit.train import lm_loss
     from lrkit.utils import resolve_device
 
     if method not in STEP_METHODS:
@@ -152,17 +167,7 @@ def measure_step_memory(model_size: str, method: str, *, rank: int | None = None
         kind = "full" if method == "full" else "galore"
         optimizer = prepare(kind, model, lr=lr, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
                             per_layer=method == "galore_per_layer", seed=seed).optimizer
-    batch = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(seed))
-    batch = batch.to(dev)
-    with GradientPeak(model) as grads:
-        for _ in range(steps):
-            loss = lm_loss(model, batch)
-            if getattr(optimizer, "updates_in_backward", False):
-                optimizer.backward(loss)
-            else:
-                loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    grads, loss = _measured_steps(model, optimizer, vocab_size, batch_size, seq_len, steps, seed, dev)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     element = next(model.parameters()).element_size()
     out = {"model_size": model_size, "method": method, "rank": rank, "device": str(dev),
@@ -239,7 +244,6 @@ def measure_method_memory(model_size: str, method: str, *, vocab_size: int = 102
     """
     from lrkit.methods import prepare
     from lrkit.models import build_llama
-    from lrkit.train import lm_loss
     from lrkit.utils import resolve_device
 
     if not (isinstance(steps, int) and steps >= 1):
@@ -253,17 +257,7 @@ def measure_method_memory(model_size: str, method: str, *, vocab_size: int = 102
     model = build_llama(model_size, vocab_size, seq_len, seed=seed).to(dev).train()
     setup = prepare(method, model, lr=lr, seed=seed, **method_kw)
     model, optimizer = setup.model.to(dev), setup.optimizer
-    batch = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(seed))
-    batch = batch.to(dev)
-    with GradientPeak(model) as grads:
-        for _ in range(steps):
-            loss = lm_loss(model, batch)
-            if getattr(optimizer, "updates_in_backward", False):
-                optimizer.backward(loss)
-            else:
-                loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    grads, loss = _measured_steps(model, optimizer, vocab_size, batch_size, seq_len, steps, seed, dev)
     state = optimizer_state_bytes(optimizer)
     out = {"model_size": model_size, "method": method, "device": str(dev),
            "parameters": sum(p.numel() for p in model.parameters()),
