@@ -10,6 +10,7 @@ Notebooks call :func:`save_run`, :func:`save_summary` and :func:`savefig`; they 
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -105,8 +106,12 @@ def load(out_dir: str | Path) -> dict:
     return doc
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str:
-    """HEAD's commit hash, with '+dirty' when the working tree has uncommitted changes to tracked code."""
+    """HEAD's commit hash, with '+dirty' when the working tree has uncommitted changes to tracked code.
+
+    Computed once per process: `git status` runs the nbstripout filter on every notebook (seconds), and
+    the commit a run started from is the one to record."""
     try:
         res = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=REPO_ROOT,
                              capture_output=True, text=True, timeout=10)
