@@ -48,11 +48,20 @@ def notebook_key(nb: Path) -> str:
     return nb.resolve().relative_to(NOTEBOOKS_DIR).with_suffix("").as_posix()
 
 
+LAYERS = {"smoke": (), "cpu": ("cpu",), "gpu": ("cpu", "gpu"), "paper": ("cpu", "gpu", "paper")}
+
+
 def notebook_parameters(nb: Path, profile: str) -> dict:
-    """The profile's YAML for this notebook (configs/<profile>/<key>.yaml); smoke = notebook defaults."""
-    path = CONFIGS_DIR / profile / f"{notebook_key(nb)}.yaml"
-    params = yaml.safe_load(path.read_text()) if path.exists() else None
-    return dict(params or {})
+    """The notebook's parameters at `profile`: smoke = the notebook's own defaults; each larger profile
+    layers its YAML (configs/<profile>/<key>.yaml) over the ones below it (cpu, then gpu, then paper), so
+    a gpu or paper YAML holds only what changes and a notebook without one runs at least at cpu size."""
+    if profile not in LAYERS:
+        raise ValueError(f"Invalid profile: {profile!r} (expected one of {list(LAYERS)})")
+    params = {}
+    for layer in LAYERS[profile]:
+        path = CONFIGS_DIR / layer / f"{notebook_key(nb)}.yaml"
+        params |= (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
+    return params
 
 
 def run_notebook(nb: str | Path, profile: str = "auto") -> Path:

@@ -297,3 +297,61 @@ def test_to_run_result_sums_clients_and_records():
     with tempfile.TemporaryDirectory() as d:
         save_run(d, rr)
         assert load(d)["runs"]["fedlrt"]["final"]["rounds"] == 2
+
+
+# ---------------------------------------------------------------------------------------- ResNet18, chunking, device
+
+def _tiny_images(n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X, y = torch.randn(n, 1, 12, 12, generator=g), torch.randint(0, 3, (n,), generator=g)
+    return [(X[: n // 2], y[: n // 2]), (X[n // 2:], y[n // 2:])]
+
+
+def test_resnet18_is_resnet18_and_factorises_all_but_stem_and_head():
+    from lrkit.fed.problems import RESNET18_DENSE, resnet18
+
+    full = resnet18(3, 10)()
+    # the well-known parameter count of the CIFAR ResNet18 (3x3 stem; GroupNorm has BatchNorm's affine params)
+    assert sum(p.numel() for p in full.parameters()) == 11_173_962
+    small = to_low_rank(resnet18(1, 3, width=4)(), 2, RESNET18_DENSE)
+    convs = [n for n, m in small.named_modules() if isinstance(m, (nn.Conv2d, LowRankConv2d))]
+    assert set(low_rank_layers(small)) == set(convs) - {"conv1"}  # 16 3x3 convs + 3 shortcuts, head dense
+    assert len(low_rank_layers(small)) == 19
+    with pytest.raises(ValueError, match="Invalid width: 3"):
+        resnet18(width=3)
+
+
+def test_chunked_gradients_and_evaluation_equal_whole_batch():
+    from lrkit.fed.problems import RESNET18_DENSE, resnet18
+    from lrkit.fed.simulate import default_loss, evaluate
+
+    clients = _tiny_images()
+    kw = dict(lr=0.05, local_steps=2, initial_rank=2, exclude=RESNET18_DENSE, tau=0.1)
+    whole = run_fedlrt(resnet18(1, 3, width=4), clients, 2, **kw)
+    chunked = run_fedlrt(resnet18(1, 3, width=4), clients, 2, **kw, chunk_size=4)
+    for k in whole["state"]:
+        torch.testing.assert_close(chunked["state"][k], whole["state"][k], rtol=1e-4, atol=1e-5)
+    assert chunked["history"][-1]["ranks"] == whole["history"][-1]["ranks"]
+    assert chunked["history"][-1]["loss"] == pytest.approx(whole["history"][-1]["loss"], rel=1e-5)
+    model, data = whole["model"], clients[0]
+    state = fedlrt.global_state(model)
+    assert evaluate(model, state, data, default_loss(data[1]), 5)[0] == pytest.approx(
+        evaluate(model, state, data, default_loss(data[1]))[0], rel=1e-6)
+    with pytest.raises(ValueError, match="Invalid chunk_size: 0"):
+        run_fedlrt(resnet18(1, 3, width=4), clients, 1, **kw, chunk_size=0)
+
+
+@pytest.mark.cuda
+def test_simulator_on_cuda_matches_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from lrkit.fed.problems import RESNET18_DENSE, resnet18
+
+    clients = _tiny_images()
+    kw = dict(lr=0.05, local_steps=2, initial_rank=2, exclude=RESNET18_DENSE, tau=0.1, batch_size=4)
+    cpu = run_fedlrt(resnet18(1, 3, width=4), clients, 2, **kw)
+    gpu = run_fedlrt(resnet18(1, 3, width=4), clients, 2, **kw, device="cuda")
+    assert gpu["device"].startswith("cuda") and gpu["history"][-1]["ranks"] == cpu["history"][-1]["ranks"]
+    for k in cpu["state"]:
+        torch.testing.assert_close(gpu["state"][k].cpu(), cpu["state"][k], rtol=1e-3, atol=1e-4)
+    assert [h["bytes_up"] for h in gpu["history"]] == [h["bytes_up"] for h in cpu["history"]]

@@ -34,6 +34,8 @@ def test_every_yaml_key_is_a_parameter_of_its_notebook(cfg):
     assert not unknown, f"{cfg}: {sorted(unknown)} are not parameters of {nb.name}"
     for k, v in values.items():  # same type as the notebook's default (ints may widen to floats)
         default = type(eval(params[k]["default"]))
+        if default is type(None):  # an optional parameter (None = off): any value
+            continue
         assert isinstance(v, default) or (default is float and isinstance(v, int)), (k, v, default)
     assert "profile" not in values and "report_dir" not in values, "the runner sets these"
 
@@ -52,3 +54,21 @@ def test_notebook_hygiene(nb):
     for c in code:
         if "plt." in c.source or "sns." in c.source:
             assert c.source.startswith("# NBVAL_IGNORE_OUTPUT"), f"plot cell without NBVAL_IGNORE_OUTPUT:\n{c.source[:80]}"
+
+
+@pytest.mark.slow
+def test_fedlrt_notebook_resnet18_path_runs(tmp_path):
+    """The gpu/paper-profile branch of fedlrt.ipynb (ResNet18, chunked gradients), at a width and size a CPU
+    runs in seconds: nbval only runs the MLP defaults."""
+    out = tmp_path / "out.ipynb"
+    papermill.execute_notebook(
+        str(ROOT / "notebooks" / "fedlrt" / "fedlrt.ipynb"), str(out), kernel_name="python3", progress_bar=False,
+        parameters=dict(model="resnet18", resnet_width=4, train_size=120, test_size=40, rounds=2, num_clients=3,
+                        local_steps=2, batch_size=8, chunk_size=25, ls_clients=[2], ls_rounds=3, initial_rank=2,
+                        report_dir=str(tmp_path / "report")))
+    from lrkit import records
+
+    runs = records.load(tmp_path / "report")["runs"]
+    lrt = runs["FeDLRT full"]
+    assert lrt["config"]["model"] == "resnet18" and len(lrt["final"]["ranks"]) == 19
+    assert runs["FedAvg"]["final"]["bytes_per_client_round"] > lrt["final"]["bytes_per_client_round"]

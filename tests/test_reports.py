@@ -68,3 +68,15 @@ def test_notebook_that_records_nothing_is_an_error(sandbox):
 def test_unknown_profile_is_rejected():
     with pytest.raises(ValueError, match="Invalid profile: 'fast'"):
         reports.profile_settings("fast")
+
+
+def test_profiles_layer_cpu_then_gpu_then_paper():
+    nb = reports.NOTEBOOKS_DIR / "fedlrt" / "fedlrt.ipynb"
+    cpu, gpu, paper = (reports.notebook_parameters(nb, p) for p in ("cpu", "gpu", "paper"))
+    assert reports.notebook_parameters(nb, "smoke") == {}  # the notebook's own defaults
+    assert gpu["ls_clients"] == cpu["ls_clients"] and gpu["model"] == "resnet18" and "model" not in cpu
+    assert paper["dataset"] == "cifar10" and paper["model"] == "resnet18"
+    abl = reports.NOTEBOOKS_DIR / "fedlrt" / "ablation_dynamic_rank.ipynb"  # no gpu YAML: runs at cpu size
+    assert reports.notebook_parameters(abl, "gpu") == reports.notebook_parameters(abl, "cpu") != {}
+    with pytest.raises(ValueError, match="Invalid profile: 'huge'"):
+        reports.notebook_parameters(nb, "huge")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,7 +40,8 @@ __all__ = [
     "VARIANCE_CORRECTIONS", "OPTIMIZERS", "key", "validate_knobs", "augment", "truncate", "aggregate",
     "augmented_coefficients", "correction_term", "coefficient_steps", "gradients", "global_state",
     "load_state", "dense_names", "client_basis_gradients", "client_coefficient_gradients",
-    "client_coefficient_steps", "server_augment", "server_truncate",
+    "client_coefficient_steps", "server_augment", "server_truncate", "STAGES", "server_round", "client_step",
+    "client_generator",
 ]
 
 
@@ -52,7 +54,7 @@ def key(name: str, symbol: str) -> str:
 
 
 def validate_knobs(variance_correction="full", dynamic_rank=True, initial_rank=None, tau=0.1, local_steps=1,
-                   lr=0.1, optimizer="sgd", batch_size=None) -> None:
+                   lr=0.1, optimizer="sgd", batch_size=None, chunk_size=None) -> None:
     """Raise ValueError naming the bad value and what is accepted."""
     if variance_correction not in VARIANCE_CORRECTIONS:
         raise ValueError(f"Invalid variance_correction: {variance_correction!r} (expected one of {VARIANCE_CORRECTIONS})")
@@ -70,6 +72,8 @@ def validate_knobs(variance_correction="full", dynamic_rank=True, initial_rank=N
         raise ValueError(f"Invalid optimizer: {optimizer!r} (expected one of {OPTIMIZERS})")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"Invalid batch_size: {batch_size!r} (expected a positive int or None = full local data)")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"Invalid chunk_size: {chunk_size!r} (expected a positive int or None = all samples at once)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -208,12 +212,24 @@ def _batches(data, batch_size, generator):
     return batch
 
 
-def gradients(model, state: dict, wrt, data, loss_fn) -> dict:
-    """d loss_fn(model_state(X), y) / d state[k] for k in wrt, by autograd through functional_call."""
+def gradients(model, state: dict, wrt, data, loss_fn, chunk_size: int | None = None) -> dict:
+    """d loss_fn(model_state(X), y) / d state[k] for k in wrt, by autograd through functional_call.
+
+    chunk_size: forward and backward at most that many samples at a time and sum the chunks' gradients
+    weighted by their share of the samples (the gradient of the mean loss; memory only, for large models
+    such as ResNet18 on all local images). None: all samples at once."""
     X, y = data
     leaves = {k: v.detach().requires_grad_(k in wrt) for k, v in state.items()}
-    loss = loss_fn(functional_call(model, leaves, (X,)), y)
-    return dict(zip(wrt, torch.autograd.grad(loss, [leaves[k] for k in wrt])))
+    if chunk_size is None or chunk_size >= len(X):
+        loss = loss_fn(functional_call(model, leaves, (X,)), y)
+        return dict(zip(wrt, torch.autograd.grad(loss, [leaves[k] for k in wrt])))
+    total = None
+    for i in range(0, len(X), chunk_size):
+        Xi, yi = X[i:i + chunk_size], y[i:i + chunk_size]
+        loss = loss_fn(functional_call(model, leaves, (Xi,)), yi) * (len(Xi) / len(X))
+        g = torch.autograd.grad(loss, [leaves[k] for k in wrt])
+        total = list(g) if total is None else [a + b for a, b in zip(total, g)]
+    return dict(zip(wrt, total))
 
 
 def _augmented_state(model, message: dict) -> dict:
@@ -232,7 +248,7 @@ def _augmented_state(model, message: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # client steps: (model, message, local data) -> reply message
 
-def client_basis_gradients(model, message, data, loss_fn, with_coefficients=False) -> dict:
+def client_basis_gradients(model, message, data, loss_fn, with_coefficients=False, chunk_size=None) -> dict:
     """Step 2: G_U,c and G_V,c at U S V^T on the client's data.
 
     with_coefficients=True also returns "<layer>.G_S" and "<param>.grad" (the "simplified" variance
@@ -242,18 +258,19 @@ def client_basis_gradients(model, message, data, loss_fn, with_coefficients=Fals
     wrt = [key(n, s) for n in layers for s in "UV"]
     if with_coefficients:
         wrt += [key(n, "S") for n in layers] + dense
-    g = gradients(model, _augmented_state(model, message), wrt, data, loss_fn)
+    g = gradients(model, _augmented_state(model, message), wrt, data, loss_fn, chunk_size)
     out = {key(n, "G_U"): g[key(n, "U")] for n in layers} | {key(n, "G_V"): g[key(n, "V")] for n in layers}
     if with_coefficients:
         out |= {key(n, "G_S"): g[key(n, "S")] for n in layers} | {key(p, "grad"): g[p] for p in dense}
     return out
 
 
-def client_coefficient_gradients(model, message, data, loss_fn) -> dict:
+def client_coefficient_gradients(model, message, data, loss_fn, chunk_size=None) -> dict:
     """Step 5 "full": dL_c/dS_tilde (2r x 2r) at the starting point S_tilde = [[S, 0], [0, 0]] and the
     dense gradients. Without U_bar/V_bar in the message (dynamic_rank=False) this is dL_c/dS."""
     layers, dense = list(low_rank_layers(model)), dense_names(model)
-    g = gradients(model, _augmented_state(model, message), [key(n, "S") for n in layers] + dense, data, loss_fn)
+    g = gradients(model, _augmented_state(model, message), [key(n, "S") for n in layers] + dense, data, loss_fn,
+                  chunk_size)
     return {key(n, "G_S_tilde"): g[key(n, "S")] for n in layers} | {key(p, "grad"): g[p] for p in dense}
 
 
@@ -318,3 +335,67 @@ def server_truncate(state: dict, bars: dict | None, averaged: dict, layers: dict
         U_tilde, V_tilde = torch.cat([U, bars[key(n, "U_bar")]], 1), torch.cat([V, bars[key(n, "V_bar")]], 1)
         new.update(zip((key(n, "U"), key(n, "S"), key(n, "V")), truncate(U_tilde, S_tilde, V_tilde, tau, r_min, r_max)))
     return new
+
+
+# ----------------------------------------------------------------------------------------------------
+# one round as a message protocol: the server side is a generator, the client side one dispatch
+# function; the simulator (`lrkit.fed.simulate`) and the Flower apps (`lrkit.fed.flower`) both drive them,
+# so the two engines exchange the same tensors in the same stages.
+
+STAGES = ("basis", "correction", "coefficients")
+
+
+def server_round(state: dict, layers: dict, knobs: dict, weights=None):
+    """The server's side of one round (steps 1-7), as a generator.
+
+    Yields (stage, broadcast): every participating client is sent the tensors `broadcast` with the
+    request to run `stage` (one of STAGES, see `client_step`). The driver sends back the list of the
+    participants' replies, in participant order. Returns (StopIteration.value) the new global state.
+
+      stage          broadcast (what is new for the client)        reply
+      "basis"        U, S, V, dense                                 G_U, G_V (+ G_S, grads: "simplified")
+      "correction"   U_bar, V_bar, or U, S, V, dense if no "basis"  G_S_tilde, grads
+      "coefficients" whatever was not yet sent: state, bars, the    S_tilde, dense
+                     averaged correction gradients
+    "basis" runs if dynamic_rank (steps 2-3); "correction" for "full", and for "simplified" when there is
+    no "basis" stage to carry dL_c/dS (step 5); "coefficients" always (steps 4, 6). `layers` maps each
+    factorised layer to its (r_min, r_max); `weights` are the aggregation weights of the participants.
+    """
+    vc, dynamic = knobs["variance_correction"], knobs["dynamic_rank"]
+    down, bars = dict(state), None  # step 1
+    if dynamic and layers:
+        G = aggregate((yield "basis", down), weights)  # step 2
+        bars = server_augment(state, G, layers)  # step 3
+        down = dict(bars)
+        if vc == "simplified":  # the averaged G_S and dense gradients ride along
+            basis = {key(n, s) for n in layers for s in ("G_U", "G_V")}
+            down |= {k: v for k, v in G.items() if k not in basis}
+    if vc == "full" or (vc == "simplified" and bars is None):  # step 5: one more exchange
+        down = aggregate((yield "correction", down), weights)
+    replies = yield "coefficients", down  # steps 4 and 6
+    return server_truncate(state, bars, aggregate(replies, weights), layers, knobs["tau"])  # step 7
+
+
+def client_step(stage: str, model, received: dict, own: dict | None, data, loss_fn, knobs: dict,
+                generator=None) -> dict:
+    """The client's side of `server_round`: run `stage` on everything `received` this round (the
+    broadcasts of its stages so far, merged) and return the reply. `own` is this client's reply to its
+    last gradient stage ("basis" or "correction") of the round, kept client-side for the variance
+    correction; `generator` draws the minibatches of the coefficient steps."""
+    if stage == "basis":
+        return client_basis_gradients(model, received, data, loss_fn,
+                                      with_coefficients=knobs["variance_correction"] == "simplified",
+                                      chunk_size=knobs.get("chunk_size"))
+    if stage == "correction":
+        return client_coefficient_gradients(model, received, data, loss_fn, knobs.get("chunk_size"))
+    if stage == "coefficients":
+        return client_coefficient_steps(model, received, data, loss_fn, knobs["local_steps"], knobs["lr"],
+                                        own_grads=own if knobs["variance_correction"] != "none" else None,
+                                        optimizer=knobs["optimizer"], batch_size=knobs["batch_size"],
+                                        generator=generator)
+    raise ValueError(f"Invalid stage: {stage!r} (expected one of {STAGES})")
+
+
+def client_generator(seed: int, round_: int, client: int) -> torch.Generator:
+    """The minibatch generator of `client` in round `round_`: the same in every engine."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, round_, client]).generate_state(1)[0]))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["least_squares", "image_classification", "dirichlet_clients", "mlp"]
+__all__ = ["least_squares", "image_classification", "dirichlet_clients", "mlp", "resnet18", "RESNET18_DENSE"]
 
 
 def least_squares(n: int = 20, rank: int = 2, num_clients: int = 4, samples_per_client: int = 40,
@@ -84,3 +84,57 @@ def mlp(input_dim: int, hidden: int, classes: int = 10):
     """A builder for the vision MLP input -> hidden -> classes; its head is module "2" (kept dense)."""
     return lambda: torch.nn.Sequential(torch.nn.Linear(input_dim, hidden), torch.nn.ReLU(),
                                        torch.nn.Linear(hidden, classes))
+
+
+# ResNet18 layers kept dense by FeDLRT: the stem (C_in * 9 inputs, too small to factorise) and the head.
+RESNET18_DENSE = ("conv1", "fc")
+
+
+class _Block(torch.nn.Module):
+    """ResNet basic block (He et al. 2016) with GroupNorm in place of BatchNorm."""
+
+    def __init__(self, c_in, c_out, stride, groups):
+        super().__init__()
+        nn = torch.nn
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.norm1 = nn.GroupNorm(groups, c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.norm2 = nn.GroupNorm(groups, c_out)
+        self.shortcut = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.GroupNorm(groups, c_out))
+                         if stride != 1 or c_in != c_out else nn.Identity())
+
+    def forward(self, x):
+        out = torch.relu(self.norm1(self.conv1(x)))
+        return torch.relu(self.norm2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(torch.nn.Module):
+    """CIFAR-style ResNet18: 3x3 stem without max-pool, four stages of two basic blocks (widths w, 2w, 4w,
+    8w; strides 1, 2, 2, 2), global average pool, linear head. GroupNorm (2 groups) replaces BatchNorm:
+    FeDLRT averages parameters, and BatchNorm's running statistics are buffers that federated averaging
+    does not handle (Hsieh et al. 2020 use GroupNorm for the same reason). The kit's choice; the paper
+    does not say how its ResNet18 normalises."""
+
+    def __init__(self, in_channels: int = 3, classes: int = 10, width: int = 64, groups: int = 2):
+        super().__init__()
+        nn = torch.nn
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.norm1 = nn.GroupNorm(groups, width)
+        blocks, c = [], width
+        for i, stride in enumerate((1, 2, 2, 2)):
+            c_out = width * 2 ** i
+            blocks += [_Block(c, c_out, stride, groups), _Block(c_out, c_out, 1, groups)]
+            c = c_out
+        self.layers = nn.Sequential(*blocks)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        x = self.layers(torch.relu(self.norm1(self.conv1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def resnet18(in_channels: int = 3, classes: int = 10, width: int = 64):
+    """A builder for `ResNet18`; factorise with exclude=RESNET18_DENSE."""
+    if width < 2 or width % 2:
+        raise ValueError(f"Invalid width: {width!r} (expected an even int >= 2, for 2 GroupNorm groups)")
+    return lambda: ResNet18(in_channels, classes, width)

@@ -2,7 +2,8 @@
 baselines FedAvg and FedLin (FedAvg with the FeDLRT/SCAFFOLD-style gradient correction on full weights),
 as compared in the paper's Sec. 4.
 
-One round loop serves all three. Every tensor that crosses the network goes through a `Channel`, which
+One round loop serves all three: `drive_round` runs `fedlrt.server_round` against the clients, here in
+this process one after the other (`lrkit.fed.flower` drives the same function over Flower messages). Every tensor that crosses the network goes through a `Channel`, which
 counts its floats (numel) and bytes (numel * element size) per client and direction, so the accounting is
 of what was exchanged, not of a formula. Client FLOPs are analytic (see `forward_flops`); client wall
 time is measured around each client computation. A FedAvg/FedLin round is a FeDLRT round with
@@ -28,7 +29,10 @@ from lrkit.fed import fedlrt
 from lrkit.fed.fedlrt import key
 from lrkit.fed.layers import LowRankConv2d, LowRankLinear, low_rank_layers, to_low_rank
 
-__all__ = ["Channel", "forward_flops", "layer_dims", "run_fedlrt", "run_fedavg", "run_fedlin", "to_run_result"]
+__all__ = ["Channel", "forward_flops", "layer_dims", "client_flops", "received_ranks", "drive_round", "run_fedlrt", "run_fedavg", "run_fedlin", "to_run_result"]
+
+
+COSTS = ("floats_down", "floats_up", "bytes_down", "bytes_up", "flops", "wall_time")  # per client and round
 
 
 class Channel:
@@ -95,194 +99,234 @@ def forward_flops(dims: dict, ranks: dict) -> int:
     return total
 
 
-def _ranks(state, layers, bars=None):
-    k = (lambda n, s: bars[key(n, s + "_bar")].shape[1]) if bars else (lambda n, s: 0)
-    return {n: (state[key(n, "U")].shape[1] + k(n, "U"), state[key(n, "V")].shape[1] + k(n, "V")) for n in layers}
+def received_ranks(received: dict, layers) -> dict:
+    """{layer: (r_out, r_in)} of the factors a client holds: r plus the augmentation once U_bar arrived."""
+    def cols(n, s):
+        extra = received.get(key(n, s + "_bar"))
+        return received[key(n, s)].shape[1] + (0 if extra is None else extra.shape[1])
+    return {n: (cols(n, "U"), cols(n, "V")) for n in layers}
+
+
+def client_flops(stage: str, dims: dict, received: dict, num_samples: int, knobs: dict) -> int:
+    """Analytic FLOPs of one client stage (see `forward_flops`): a gradient on all local samples for
+    "basis" and "correction", local_steps gradients on a minibatch (or all samples) for "coefficients"."""
+    fwd = forward_flops(dims, received_ranks(received, [n for n, d in dims.items() if d[3]]))
+    if stage == "coefficients":
+        return knobs["local_steps"] * 3 * fwd * min(knobs["batch_size"] or num_samples, num_samples)
+    return 3 * fwd * num_samples
 
 
 # ----------------------------------------------------------------------------------------------------
 # one round (FeDLRT; FedAvg/FedLin are the dense, fixed-rank case)
 
+def drive_round(state: dict, bounds: dict, knobs: dict, weights, participants: list, exchange) -> tuple:
+    """One round of `fedlrt.server_round`, for any engine. Every stage's broadcast goes down and every
+    reply comes up through a `Channel` (the accounting); `exchange(stage, delivered)` runs the stage on
+    the clients, delivered = {client: its copy of the broadcast}, and returns {client: (reply, flops,
+    wall_time)}. Returns (new global state, the round's per-client costs, keys `COSTS`)."""
+    ch = Channel()
+    flops, wall = {c: 0 for c in participants}, {c: 0.0 for c in participants}
+    protocol = fedlrt.server_round(state, bounds, knobs, weights)
+    stage, down = next(protocol)
+    while True:
+        results = exchange(stage, {c: ch.down(c, down) for c in participants})
+        replies = []
+        for c in participants:
+            reply, flops_c, wall_c = results[c]
+            flops[c] += flops_c
+            wall[c] += wall_c
+            replies.append(ch.up(c, reply))
+        try:
+            stage, down = protocol.send(replies)
+        except StopIteration as done:
+            comm = {f"{q}_{d}": {c: getattr(ch, q)[c][d] for c in participants} for q in ("floats", "bytes")
+                    for d in ("down", "up")}
+            return done.value, comm | {"flops": flops, "wall_time": wall}
+
+
 def _round(sim, state, participants, t):
-    model, data, loss_fn, knobs = sim["model"], sim["clients_data"], sim["loss_fn"], sim["knobs"]
-    vc, dynamic = knobs["variance_correction"], knobs["dynamic_rank"]
-    layers = sim["bounds"]
-    ch, flops, wall = Channel(), defaultdict(int), defaultdict(float)
+    """`drive_round` with the clients in this process, one after the other; each keeps what it received
+    this round and its own last gradient reply (Flower: context.state)."""
+    model, data, knobs = sim["model"], sim["clients_data"], sim["knobs"]
     w = [len(data[c][0]) for c in participants] if sim["weighted"] else None
+    received, own = {c: {} for c in participants}, {c: None for c in participants}
 
-    def on_client(c, fn, *args, **kw):  # run a client function, timing it
-        t0 = time.perf_counter()
-        out = fn(model, *args, **kw)
-        wall[c] += time.perf_counter() - t0
-        return out
+    def exchange(stage, delivered):
+        results = {}
+        for c in participants:
+            received[c] |= delivered[c]
+            t0 = time.perf_counter()
+            reply = fedlrt.client_step(stage, model, received[c], own[c], data[c], sim["loss_fn"], knobs,
+                                       fedlrt.client_generator(sim["seed"], t, c))
+            if sim["device"].type == "cuda":
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+            if stage != "coefficients":
+                own[c] = reply
+            results[c] = (reply, client_flops(stage, sim["dims"], received[c], len(data[c][0]), knobs), wall)
+        return results
 
-    # step 1: broadcast U, S, V (+ dense); each client keeps what it received (Flower: context.state)
-    received = {c: ch.down(c, state) for c in participants}
-    own = {c: None for c in participants}
-    bars = None
-    fwd_r = forward_flops(sim["dims"], _ranks(state, layers))
-    if dynamic and layers:
-        # step 2: basis gradients (+ dL_c/dS and dense gradients for the simplified correction)
-        replies = []
-        for c in participants:
-            own[c] = on_client(c, fedlrt.client_basis_gradients, received[c], data[c], loss_fn,
-                               with_coefficients=(vc == "simplified"))
-            flops[c] += 3 * fwd_r * len(data[c][0])
-            replies.append(ch.up(c, own[c]))
-        G = fedlrt.aggregate(replies, w)
-        # step 3: augment on the server, broadcast U_bar, V_bar (+ averaged G_S for "simplified")
-        bars = fedlrt.server_augment(state, G, layers)
-        extra = {}
-        if vc == "simplified":
-            extra = {key(n, "G_S"): G[key(n, "G_S")] for n in layers}
-            extra |= {key(p, "grad"): G[key(p, "grad")] for p in fedlrt.dense_names(model)}
-        for c in participants:
-            received[c] |= ch.down(c, bars | extra)
-    fwd_aug = forward_flops(sim["dims"], _ranks(state, layers, bars))
-    # step 5 "full" (and any correction when there is no basis-gradient stage to piggyback on):
-    # one more exchange of dL_c/dS_tilde at the starting point
-    if vc == "full" or (vc == "simplified" and bars is None):
-        replies = []
-        for c in participants:
-            own[c] = on_client(c, fedlrt.client_coefficient_gradients, received[c], data[c], loss_fn)
-            flops[c] += 3 * fwd_aug * len(data[c][0])
-            replies.append(ch.up(c, own[c]))
-        G = fedlrt.aggregate(replies, w)
-        for c in participants:
-            received[c] |= ch.down(c, G)
-    # steps 4 and 6: s_star local steps on S_tilde with the bases fixed
-    replies = []
-    for c in participants:
-        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([sim["seed"], t, c]).generate_state(1)[0]))
-        reply = on_client(c, fedlrt.client_coefficient_steps, received[c], data[c], loss_fn,
-                          knobs["local_steps"], knobs["lr"], own_grads=own[c] if vc != "none" else None,
-                          optimizer=knobs["optimizer"], batch_size=knobs["batch_size"], generator=gen)
-        b = min(knobs["batch_size"] or len(data[c][0]), len(data[c][0]))
-        flops[c] += knobs["local_steps"] * 3 * fwd_aug * b
-        replies.append(ch.up(c, reply))
-    # step 7: aggregate and truncate on the server
-    new_state = fedlrt.server_truncate(state, bars, fedlrt.aggregate(replies, w), layers, knobs["tau"])
-    comm = {f"{q}_{d}": {c: getattr(ch, q)[c][d] for c in participants} for q in ("floats", "bytes")
-            for d in ("down", "up")}
-    return new_state, comm | {"flops": dict(flops), "wall_time": dict(wall)}
+    return drive_round(state, sim["bounds"], knobs, w, participants, exchange)
 
 
 # ----------------------------------------------------------------------------------------------------
 # the shared loop
 
-def _default_loss(y):
+def default_loss(y):
+    """Cross-entropy for integer labels, mean squared error for real targets."""
     return F.cross_entropy if not torch.is_floating_point(y) else F.mse_loss
 
 
 @torch.no_grad()
-def _evaluate(model, state, datasets, loss_fn, weights):
+def evaluate(model, state: dict, data, loss_fn, chunk_size: int | None = None) -> tuple[float, float | None]:
+    """(loss, accuracy) of the model holding `state` on one data set; accuracy None for real targets.
+    chunk_size: forward at most that many samples at a time (memory only)."""
+    X, y = data
+    if chunk_size is None or chunk_size >= len(X):
+        out = functional_call(model, state, (X,))
+    else:
+        out = torch.cat([functional_call(model, state, (X[i:i + chunk_size],)) for i in range(0, len(X), chunk_size)])
+    acc = None if torch.is_floating_point(y) else float((out.argmax(-1) == y).float().mean())
+    return float(loss_fn(out, y)), acc
+
+
+def combine(results: list, weights) -> tuple[float, float | None]:
+    """The global (loss, accuracy): the weights-normalised sum of per-client `evaluate` results."""
     w = np.asarray(weights, dtype=float) / np.sum(weights)
     loss, acc = 0.0, 0.0
-    for wc, (X, y) in zip(w, datasets):
-        out = functional_call(model, state, (X,))
-        loss += wc * float(loss_fn(out, y))
-        acc += wc * float((out.argmax(-1) == y).float().mean()) if not torch.is_floating_point(y) else 0.0
-    return float(loss), (float(acc) if not torch.is_floating_point(datasets[0][1]) else None)
+    for wc, (l_c, a_c) in zip(w, results):
+        loss += wc * l_c
+        acc += wc * a_c if a_c is not None else 0.0
+    return float(loss), (float(acc) if results[0][1] is not None else None)
 
 
-def _simulate(model, clients_data, rounds, knobs, *, loss_fn, seed, client_fraction, weighted, eval_data):
+def sample_participants(n_clients: int, client_fraction: float, generator: torch.Generator) -> list[int]:
+    """The round's participants: all clients, or a seeded draw of round(fraction * n) (at least one)."""
+    m = max(1, round(client_fraction * n_clients))
+    return list(range(n_clients)) if m == n_clients else sorted(torch.randperm(n_clients, generator=generator)[:m].tolist())
+
+
+def check_run_args(clients_data, rounds, client_fraction) -> None:
     if not clients_data:
         raise ValueError("Invalid clients_data: empty (expected a list of (X, y) per client)")
     if not isinstance(rounds, int) or rounds < 0:
         raise ValueError(f"Invalid rounds: {rounds!r} (expected an int >= 0)")
     if not 0 < client_fraction <= 1:
         raise ValueError(f"Invalid client_fraction: {client_fraction!r} (expected 0 < client_fraction <= 1)")
-    loss_fn = loss_fn or _default_loss(clients_data[0][1])
+
+
+def _simulate(model, clients_data, rounds, knobs, *, loss_fn, seed, client_fraction, weighted, eval_data, device):
+    check_run_args(clients_data, rounds, client_fraction)
+    device = torch.device(device or "cpu")
+    model = model.to(device)
+    clients_data = [(X.to(device), y.to(device)) for X, y in clients_data]
+    eval_data = None if eval_data is None else tuple(t.to(device) for t in eval_data)
+    loss_fn = loss_fn or default_loss(clients_data[0][1])
     sim = {"model": model, "clients_data": clients_data, "loss_fn": loss_fn, "knobs": knobs, "seed": seed,
-           "weighted": weighted, "dims": layer_dims(model, clients_data[0][0]),
+           "weighted": weighted, "dims": layer_dims(model, clients_data[0][0]), "device": device,
            "bounds": {n: (m.r_min, m.r_max) for n, m in low_rank_layers(model).items()}}
     n_clients = len(clients_data)
-    m = max(1, round(client_fraction * n_clients))
     pick = torch.Generator().manual_seed(seed)
     all_weights = [len(d[0]) for d in clients_data] if weighted else [1.0] * n_clients
     state = fedlrt.global_state(model)
 
     def record(t, participants, costs):
-        loss, acc = _evaluate(model, state, clients_data, loss_fn, all_weights)
+        chunk = knobs.get("chunk_size")
+        loss, acc = combine([evaluate(model, state, d, loss_fn, chunk) for d in clients_data], all_weights)
         rec = {"round": t, "loss": loss, "accuracy": acc,
                "ranks": {n: state[key(n, "S")].shape[0] for n in sim["bounds"]}, "clients": participants}
         if eval_data is not None:
-            rec["test_loss"], rec["test_accuracy"] = _evaluate(model, state, [eval_data], loss_fn, [1.0])
-        empty = {k: {} for k in ("floats_down", "floats_up", "bytes_down", "bytes_up", "flops", "wall_time")}
-        return rec | (costs or empty)
+            rec["test_loss"], rec["test_accuracy"] = evaluate(model, state, eval_data, loss_fn, chunk)
+        return rec | (costs or {k: {} for k in COSTS})
 
     history = [record(0, [], None)]
     for t in range(1, rounds + 1):
-        participants = (list(range(n_clients)) if m == n_clients
-                        else sorted(torch.randperm(n_clients, generator=pick)[:m].tolist()))
+        participants = sample_participants(n_clients, client_fraction, pick)
         state, costs = _round(sim, state, participants, t)
         history.append(record(t, participants, costs))
-    return {"history": history, "state": state, "model": fedlrt.load_state(model, state)}
+    return {"history": history, "state": state, "model": fedlrt.load_state(model, state), "device": str(device)}
 
 
-def run_fedlrt(model_fn, clients_data, rounds, *, lr=0.1, local_steps=1, variance_correction="full",
-               dynamic_rank=True, initial_rank=None, tau=0.1, r_min=None, r_max=None, exclude=(),
-               optimizer="sgd", batch_size=None, loss_fn=None, seed=0, client_fraction=1.0, weighted=False,
-               eval_data=None) -> dict:
-    """FeDLRT (METHODS.md section 3). model_fn() is called after torch.manual_seed(seed).
-
-    A dense model is factorised with `to_low_rank(model, initial_rank, exclude, r_min or 1, r_max)`; a
-    model that already has low-rank layers is used as is (then initial_rank, r_min, r_max and exclude
-    must be left unset: the layers carry their own bounds). clients_data is a
-    list of (X, y) tensors. batch_size=None: every local step uses the client's whole local data
-    (deterministic gradient descent, as in the paper's analysis). weighted=True weights the aggregation
-    and the global loss by client sample counts, else the plain mean of METHODS.md.
-    variance_correction: "full" (METHODS.md step 5), "simplified" (the kit's reading: correction on the
-    r x r block only, from dL_c/dS sent with the basis gradients), or "none".
-    Returns {"history": [per-round records], "state": final global state, "model": model holding it}.
-    """
-    fedlrt.validate_knobs(variance_correction, dynamic_rank, initial_rank, tau, local_steps, lr, optimizer,
-                          batch_size)
+def build_model(model_fn, seed: int, initial_rank=None, r_min=None, r_max=None, exclude=(), dense: bool = False):
+    """model_fn() after torch.manual_seed(seed); unless `dense`, factorised with
+    `to_low_rank(model, initial_rank, exclude, r_min or 1, r_max)` (a model that already has low-rank
+    layers is used as is, and then initial_rank, r_min, r_max and exclude must be left unset)."""
     torch.manual_seed(seed)
     model = model_fn()
+    if dense:
+        if low_rank_layers(model):
+            raise ValueError("Invalid model_fn: it returns low-rank layers (FedAvg/FedLin train dense weights)")
+        return model
     if low_rank_layers(model):
         given = {k: v for k, v in dict(initial_rank=initial_rank, r_min=r_min, r_max=r_max, exclude=exclude or None)
                  .items() if v is not None}
         if given:  # silently ignoring them would train with bounds the caller did not ask for
             raise ValueError(f"Invalid {given}: model_fn already returns low-rank layers; set rank, r_min and "
                              "r_max on the layers (expected None here)")
-    else:
-        if initial_rank is None:
-            raise ValueError("Invalid initial_rank: None (expected a positive int to factorise the dense model)")
-        model = to_low_rank(model, initial_rank, exclude, r_min or 1, r_max)
+        return model
+    if initial_rank is None:
+        raise ValueError("Invalid initial_rank: None (expected a positive int to factorise the dense model)")
+    return to_low_rank(model, initial_rank, exclude, r_min or 1, r_max)
+
+
+def run_fedlrt(model_fn, clients_data, rounds, *, lr=0.1, local_steps=1, variance_correction="full",
+               dynamic_rank=True, initial_rank=None, tau=0.1, r_min=None, r_max=None, exclude=(),
+               optimizer="sgd", batch_size=None, loss_fn=None, seed=0, client_fraction=1.0, weighted=False,
+               eval_data=None, device=None, chunk_size=None) -> dict:
+    """FeDLRT (METHODS.md section 3). The model is `build_model(model_fn, seed, initial_rank, r_min,
+    r_max, exclude)`: a dense model_fn() is factorised at initial_rank, the layers in `exclude` kept dense.
+    clients_data is a list of (X, y) tensors. batch_size=None: every local step uses the client's whole
+    local data (deterministic gradient descent, as in the paper's analysis). weighted=True weights the
+    aggregation and the global loss by client sample counts, else the plain mean of METHODS.md.
+    variance_correction: "full" (METHODS.md step 5), "simplified" (the kit's reading: correction on the
+    r x r block only, from dL_c/dS sent with the basis gradients), or "none". device: where the model and
+    the data live ("cpu" when None; "cuda" for the gpu profile); the accounting does not depend on it.
+    chunk_size: samples per forward pass when a gradient or an evaluation covers all local data (memory
+    only; None: all at once).
+    Returns {"history": [per-round records], "state": final global state, "model": model holding it,
+    "device"}.
+    """
+    fedlrt.validate_knobs(variance_correction, dynamic_rank, initial_rank, tau, local_steps, lr, optimizer,
+                          batch_size, chunk_size)
+    model = build_model(model_fn, seed, initial_rank, r_min, r_max, exclude)
     knobs = dict(variance_correction=variance_correction, dynamic_rank=dynamic_rank, tau=tau,
-                 local_steps=local_steps, lr=lr, optimizer=optimizer, batch_size=batch_size)
+                 local_steps=local_steps, lr=lr, optimizer=optimizer, batch_size=batch_size, chunk_size=chunk_size)
     return _simulate(model, clients_data, rounds, knobs, loss_fn=loss_fn, seed=seed,
-                     client_fraction=client_fraction, weighted=weighted, eval_data=eval_data)
+                     client_fraction=client_fraction, weighted=weighted, eval_data=eval_data, device=device)
 
 
 def _run_dense(model_fn, clients_data, rounds, correction, lr, local_steps, optimizer, batch_size, loss_fn,
-               seed, client_fraction, weighted, eval_data):
-    fedlrt.validate_knobs(local_steps=local_steps, lr=lr, optimizer=optimizer, batch_size=batch_size)
-    torch.manual_seed(seed)
-    model = model_fn()
-    if low_rank_layers(model):
-        raise ValueError("Invalid model_fn: it returns low-rank layers (FedAvg/FedLin train dense weights)")
-    knobs = dict(variance_correction=correction, dynamic_rank=False, tau=0.0, local_steps=local_steps, lr=lr,
-                 optimizer=optimizer, batch_size=batch_size)
+               seed, client_fraction, weighted, eval_data, device, chunk_size):
+    fedlrt.validate_knobs(local_steps=local_steps, lr=lr, optimizer=optimizer, batch_size=batch_size,
+                          chunk_size=chunk_size)
+    model = build_model(model_fn, seed, dense=True)
+    knobs = dense_knobs(correction, lr, local_steps, optimizer, batch_size) | {"chunk_size": chunk_size}
     return _simulate(model, clients_data, rounds, knobs, loss_fn=loss_fn, seed=seed,
-                     client_fraction=client_fraction, weighted=weighted, eval_data=eval_data)
+                     client_fraction=client_fraction, weighted=weighted, eval_data=eval_data, device=device)
+
+
+def dense_knobs(correction, lr, local_steps, optimizer, batch_size) -> dict:
+    """FedAvg ("none") / FedLin ("full") as FeDLRT knobs on a dense model: fixed rank, no truncation."""
+    return dict(variance_correction=correction, dynamic_rank=False, tau=0.0, local_steps=local_steps, lr=lr,
+                optimizer=optimizer, batch_size=batch_size)
 
 
 def run_fedavg(model_fn, clients_data, rounds, *, lr=0.1, local_steps=1, optimizer="sgd", batch_size=None,
-               loss_fn=None, seed=0, client_fraction=1.0, weighted=False, eval_data=None) -> dict:
+               loss_fn=None, seed=0, client_fraction=1.0, weighted=False, eval_data=None, device=None,
+               chunk_size=None) -> dict:
     """FedAvg (McMahan et al. 2017): broadcast W, local_steps steps on full weights, average. Same
     record format as run_fedlrt; per client and round n_params floats down and n_params up."""
     return _run_dense(model_fn, clients_data, rounds, "none", lr, local_steps, optimizer, batch_size, loss_fn,
-                      seed, client_fraction, weighted, eval_data)
+                      seed, client_fraction, weighted, eval_data, device, chunk_size)
 
 
 def run_fedlin(model_fn, clients_data, rounds, *, lr=0.1, local_steps=1, optimizer="sgd", batch_size=None,
-               loss_fn=None, seed=0, client_fraction=1.0, weighted=False, eval_data=None) -> dict:
+               loss_fn=None, seed=0, client_fraction=1.0, weighted=False, eval_data=None, device=None,
+               chunk_size=None) -> dict:
     """FedLin (Mitra et al. 2021): FedAvg plus the correction V_c = grad L - grad L_c at the round's start,
     on full weights; one extra exchange of gradients (n_params up, n_params down)."""
     return _run_dense(model_fn, clients_data, rounds, "full", lr, local_steps, optimizer, batch_size, loss_fn,
-                      seed, client_fraction, weighted, eval_data)
+                      seed, client_fraction, weighted, eval_data, device, chunk_size)
 
 
 def to_run_result(name: str, result: dict, config: dict, wall_time_s: float = 0.0):
@@ -299,7 +343,7 @@ def to_run_result(name: str, result: dict, config: dict, wall_time_s: float = 0.
         row = {k: v for k, v in rec.items() if not isinstance(v, dict) and k != "clients"}
         row["ranks"] = dict(rec["ranks"])
         row["clients"] = len(rec["clients"])
-        for k in ("floats_down", "floats_up", "bytes_down", "bytes_up", "flops", "wall_time"):
+        for k in COSTS:
             row[k] = sum(rec[k].values())
         n = max(1, len(rec["clients"]))
         row["bytes_per_client"] = (row["bytes_down"] + row["bytes_up"]) / n
@@ -310,7 +354,7 @@ def to_run_result(name: str, result: dict, config: dict, wall_time_s: float = 0.
     final |= {"rounds": history[-1]["round"],
               "bytes_per_client_round": float(np.mean([h["bytes_per_client"] for h in rounds])),
               "flops_per_client_round": float(np.mean([h["flops_per_client"] for h in rounds]))}
-    info = device_info("cpu")
+    info = device_info(result.get("device", "cpu"))
     return RunResult(name=name, config=dict(config), seed=int(config.get("seed", 0)), device=info["device"],
                      device_name=info["device_name"], history=history, final=final, wall_time_s=float(wall_time_s),
                      memory={})

@@ -1,0 +1,327 @@
+"""The Flower engine: FeDLRT's round as Flower messages (flwr >= 1.20, Message API).
+
+The round is the one the in-process simulator runs: `fedlrt.server_round` on the server, `fedlrt.client_step`
+on the clients. Here every stage is one Message per participating client, of type "train.<stage>" (stages
+"basis", "correction", "coefficients"): content {"arrays": the broadcast tensors, "config": round, stage
+and the run's config}. The client keeps what it received this round and its own last gradient reply in
+`context.state` (nothing is sent twice) and replies {"arrays": its tensors, "metrics": flops, wall time}.
+Accounting is of the tensors actually in the messages, counted by the server as the simulator's `Channel`
+counts them; the config records (a few hundred bytes of scalars) and evaluation messages are not counted.
+
+Both engines read one flat config (`DEFAULTS`; in a Flower App, `[tool.flwr.app.config]`):
+  `simulate(config)`       the in-process simulator (`lrkit.fed.simulate`)
+  `run_flower(config)`     Flower's simulation engine (Ray), `num_clients` virtual SuperNodes
+  `server_app`, `client_app`  module-level apps for `flwr run` on a real SuperLink and SuperNodes; every
+                           SuperNode needs `--node-config "partition-id=<c> num-partitions=<N>"` (README).
+Each client loads its own partition: client c of `problem` is partition c of the data, built from the seed.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import time
+
+import torch
+from torch import nn
+
+from lrkit.fed import fedlrt, problems
+from lrkit.fed.fedlrt import key
+from lrkit.fed.layers import low_rank_layers
+from lrkit.fed.simulate import (COSTS, build_model, client_flops, combine, default_loss, dense_knobs, drive_round,
+                                evaluate, layer_dims, run_fedavg, run_fedlin, run_fedlrt, sample_participants)
+
+__all__ = ["DEFAULTS", "METHODS", "PROBLEMS", "resolve_config", "load_problem", "simulate", "run_flower",
+           "make_server_app", "make_client_app", "server_app", "client_app"]
+
+METHODS = ("fedlrt", "fedavg", "fedlin")
+PROBLEMS = ("least_squares", "fashion_mnist")
+
+DEFAULTS = {
+    # the run
+    "method": "fedlrt", "rounds": 5, "seed": 0, "client_fraction": 1.0, "weighted": False,
+    "lr": 0.05, "local_steps": 5, "optimizer": "sgd", "batch_size": 0,  # 0: all local data each step
+    # FeDLRT
+    "variance_correction": "full", "dynamic_rank": True, "initial_rank": 2, "tau": 0.01,
+    "r_min": 1, "r_max": 0, "exclude": "",  # r_max 0: no cap; exclude: comma-separated layer names
+    # the problem: client c loads partition c
+    "problem": "least_squares", "num_clients": 2,
+    "n": 8, "rank": 2, "samples_per_client": 10, "heterogeneity": 0.5, "noise": 1.0,  # least_squares
+    "train_size": 3000, "test_size": 1000, "alpha": 0.5, "hidden": 64,  # fashion_mnist (MLP, head dense)
+    # where the ServerApp writes its run record (lrkit.records), "" for none
+    "report_dir": "",
+}
+
+
+def resolve_config(config: dict | None = None) -> dict:
+    """DEFAULTS updated with `config`; unknown keys and bad values raise ValueError naming them."""
+    config = dict(config or {})
+    unknown = sorted(set(config) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"Invalid config keys: {unknown} (expected keys of lrkit.fed.flower.DEFAULTS: "
+                         f"{sorted(DEFAULTS)})")
+    cfg = DEFAULTS | config
+    if cfg["method"] not in METHODS:
+        raise ValueError(f"Invalid method: {cfg['method']!r} (expected one of {METHODS})")
+    if cfg["problem"] not in PROBLEMS:
+        raise ValueError(f"Invalid problem: {cfg['problem']!r} (expected one of {PROBLEMS})")
+    if not isinstance(cfg["num_clients"], int) or cfg["num_clients"] < 1:
+        raise ValueError(f"Invalid num_clients: {cfg['num_clients']!r} (expected an int >= 1)")
+    fedlrt.validate_knobs(**_knobs(cfg) | {"initial_rank": cfg["initial_rank"]})
+    return cfg
+
+
+def _knobs(cfg: dict) -> dict:
+    batch_size = cfg["batch_size"] or None
+    if cfg["method"] == "fedlrt":
+        return dict(variance_correction=cfg["variance_correction"], dynamic_rank=bool(cfg["dynamic_rank"]),
+                    tau=cfg["tau"], local_steps=cfg["local_steps"], lr=cfg["lr"], optimizer=cfg["optimizer"],
+                    batch_size=batch_size)
+    return dense_knobs("full" if cfg["method"] == "fedlin" else "none", cfg["lr"], cfg["local_steps"],
+                       cfg["optimizer"], batch_size)
+
+
+def _problem_key(cfg: dict) -> str:
+    names = ("problem", "num_clients", "seed", "n", "rank", "samples_per_client", "heterogeneity", "noise",
+             "train_size", "test_size", "alpha", "hidden")
+    return json.dumps({k: cfg[k] for k in names}, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_problem(problem_key: str) -> dict:
+    p = json.loads(problem_key)
+    if p["problem"] == "least_squares":
+        ls = problems.least_squares(n=p["n"], rank=p["rank"], num_clients=p["num_clients"],
+                                    samples_per_client=p["samples_per_client"], heterogeneity=p["heterogeneity"],
+                                    noise=p["noise"], seed=p["seed"])
+        n = p["n"]
+        return {"clients": ls["clients"], "eval_data": None, "model_fn": lambda: nn.Linear(n, n, bias=False)}
+    images = problems.image_classification("fashion_mnist", p["train_size"], p["test_size"], seed=p["seed"])
+    clients = problems.dirichlet_clients(images["X"], images["y"], p["num_clients"], p["alpha"], seed=p["seed"])
+    return {"clients": clients, "eval_data": (images["X_test"], images["y_test"]), "default_exclude": "2",
+            "model_fn": problems.mlp(images["X"].shape[1], p["hidden"])}
+
+
+def load_problem(cfg: dict) -> dict:
+    """{"clients": [(X_c, y_c)], "eval_data": (X, y) or None, "model_fn"} of a resolved config (cached)."""
+    return _load_problem(_problem_key(cfg))
+
+
+def _model(cfg: dict) -> nn.Module:
+    """The run's initial model, built identically by the server and every client (same seed)."""
+    p = load_problem(cfg)
+    if cfg["method"] != "fedlrt":
+        return build_model(p["model_fn"], cfg["seed"], dense=True)
+    exclude = [e for e in (cfg["exclude"] or p.get("default_exclude", "")).split(",") if e]
+    return build_model(p["model_fn"], cfg["seed"], cfg["initial_rank"], cfg["r_min"], cfg["r_max"] or None, exclude)
+
+
+def simulate(config: dict | None = None) -> dict:
+    """The in-process simulator on the same config: the reference for `run_flower`."""
+    cfg = resolve_config(config)
+    p = load_problem(cfg)
+    k = _knobs(cfg)
+    common = dict(lr=k["lr"], local_steps=k["local_steps"], optimizer=k["optimizer"], batch_size=k["batch_size"],
+                  seed=cfg["seed"], client_fraction=cfg["client_fraction"], weighted=bool(cfg["weighted"]),
+                  eval_data=p["eval_data"])
+    if cfg["method"] == "fedavg":
+        return run_fedavg(p["model_fn"], p["clients"], cfg["rounds"], **common)
+    if cfg["method"] == "fedlin":
+        return run_fedlin(p["model_fn"], p["clients"], cfg["rounds"], **common)
+    model = _model(cfg)
+    return run_fedlrt(lambda: model, p["clients"], cfg["rounds"], variance_correction=k["variance_correction"],
+                      dynamic_rank=k["dynamic_rank"], tau=k["tau"], **common)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the apps
+
+def _record(tensors: dict):
+    from flwr.app import ArrayRecord
+
+    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+
+
+def _tensors(record) -> dict:
+    return dict(record.to_torch_state_dict())
+
+
+def make_client_app():
+    """The ClientApp: "query.info" (its partition id), "train.<stage>" (one protocol stage) and
+    "evaluate" (loss and accuracy of a global state on its data)."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    def partition(context: Context) -> int:
+        if "partition-id" not in context.node_config:
+            raise ValueError("Invalid node config: no 'partition-id' (start the SuperNode with --node-config "
+                             "\"partition-id=<c> num-partitions=<N>\")")
+        return int(context.node_config["partition-id"])
+
+    @app.query("info")
+    def info(msg: Message, context: Context) -> Message:
+        return Message(RecordDict({"info": ConfigRecord({"partition-id": partition(context)})}), reply_to=msg)
+
+    def stage(msg: Message, context: Context) -> Message:
+        cfg = json.loads(msg.content["config"]["config"])
+        t, name, c = int(msg.content["config"]["round"]), msg.content["config"]["stage"], partition(context)
+        data = load_problem(cfg)["clients"][c]
+        st = context.state
+        if "round" not in st or st["round"]["round"] != t:  # a new round: forget the last one
+            st["round"], st["received"], st["own"] = ConfigRecord({"round": t}), ArrayRecord(), ArrayRecord()
+        received = _tensors(st["received"]) | _tensors(msg.content["arrays"])
+        own = _tensors(st["own"]) or None
+        knobs = _knobs(cfg)
+        model = _model(cfg)
+        t0 = time.perf_counter()
+        reply = fedlrt.client_step(name, model, received, own, data, default_loss(data[1]), knobs,
+                                   fedlrt.client_generator(cfg["seed"], t, c))
+        wall = time.perf_counter() - t0
+        flops = client_flops(name, layer_dims(model, data[0]), received, len(data[0]), knobs)
+        st["received"] = _record(received)
+        if name != "coefficients":
+            st["own"] = _record(reply)
+        return Message(RecordDict({"arrays": _record(reply),
+                                   "metrics": MetricRecord({"flops": flops, "wall_time": wall})}), reply_to=msg)
+
+    for s in fedlrt.STAGES:
+        app.train(s)(stage)
+
+    @app.evaluate()
+    def evaluate_(msg: Message, context: Context) -> Message:
+        cfg = json.loads(msg.content["config"]["config"])
+        data = load_problem(cfg)["clients"][partition(context)]
+        loss, acc = evaluate(_model(cfg), _tensors(msg.content["arrays"]), data, default_loss(data[1]))
+        metrics = {"loss": loss} | ({"accuracy": acc} if acc is not None else {})
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    return app
+
+
+def _reply_content(replies) -> list:
+    out = []
+    for r in replies:
+        if r.has_error():
+            raise RuntimeError(f"Flower client failed: {r.error.reason}")
+        out.append(r.content)
+    return out
+
+
+def make_server_app(config: dict | None = None, sink: dict | None = None):
+    """The ServerApp. `config` None: read Flower's run config (`flwr run`, [tool.flwr.app.config]);
+    `sink`: a dict that receives {"history", "state"} at the end (in-process use, `run_flower`)."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.serverapp import Grid, ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = resolve_config(config if config is not None else dict(context.run_config))
+        p = load_problem(cfg)
+        n_clients, model = cfg["num_clients"], _model(cfg)
+        node = _partitions(grid, n_clients)  # partition id -> node id
+        bounds = {n: (m.r_min, m.r_max) for n, m in low_rank_layers(model).items()}
+        knobs, cfg_json = _knobs(cfg), json.dumps(cfg)
+        weights = [len(d[0]) for d in p["clients"]] if cfg["weighted"] else [1.0] * n_clients
+        loss_fn = default_loss(p["clients"][0][1])
+
+        def send(clients, content_of, message_type, t):
+            msgs = [Message(content_of(c), dst_node_id=node[c], message_type=message_type, group_id=str(t))
+                    for c in clients]
+            replies = list(grid.send_and_receive(msgs))
+            by_node = {r.metadata.src_node_id: r for r in replies}
+            missing = [c for c in clients if node[c] not in by_node]
+            if missing:
+                raise RuntimeError(f"Flower clients {missing} did not reply to {message_type} in round {t}")
+            return _reply_content([by_node[node[c]] for c in clients])
+
+        def config_record(t, stage=""):
+            return ConfigRecord({"round": t, "stage": stage, "config": cfg_json})
+
+        def record(t, state, participants, costs):
+            arrays = _record(state)
+            res = send(range(n_clients), lambda c: RecordDict({"arrays": arrays, "config": config_record(t)}),
+                       "evaluate", t)
+            per_client = [(r["metrics"]["loss"], r["metrics"].get("accuracy")) for r in res]
+            loss, acc = combine(per_client, weights)
+            rec = {"round": t, "loss": loss, "accuracy": acc,
+                   "ranks": {n: state[key(n, "S")].shape[0] for n in bounds}, "clients": participants}
+            if p["eval_data"] is not None:  # the server's own test set, as in the simulator
+                rec["test_loss"], rec["test_accuracy"] = evaluate(model, state, p["eval_data"], loss_fn)
+            return rec | (costs or {k: {} for k in COSTS})
+
+        state = fedlrt.global_state(model)
+        pick = torch.Generator().manual_seed(cfg["seed"])
+        history = [record(0, state, [], None)]
+        for t in range(1, cfg["rounds"] + 1):
+            participants = sample_participants(n_clients, cfg["client_fraction"], pick)
+            w = [weights[c] for c in participants] if cfg["weighted"] else None
+
+            def exchange(stage, delivered):  # the broadcast is the same for every participant: serialise once
+                arrays = _record(delivered[participants[0]])
+                res = send(participants, lambda c: RecordDict({"arrays": arrays, "config": config_record(t, stage)}),
+                           f"train.{stage}", t)
+                return {c: (_tensors(r["arrays"]), int(r["metrics"]["flops"]), float(r["metrics"]["wall_time"]))
+                        for c, r in zip(participants, res)}
+
+            state, costs = drive_round(state, bounds, knobs, w, participants, exchange)
+            history.append(record(t, state, participants, costs))
+        result = {"history": history, "state": state}
+        if sink is not None:
+            sink.update(result)
+        if cfg["report_dir"]:
+            from lrkit import records
+            from lrkit.fed.simulate import to_run_result
+
+            records.save_run(cfg["report_dir"], to_run_result(f"flower {cfg['method']}", result, cfg))
+
+    return app
+
+
+def _partitions(grid, n_clients: int, timeout_s: float = 120.0) -> dict:
+    """Ask every connected node for its partition id; wait until all n_clients partitions are there."""
+    from flwr.app import Message, RecordDict
+
+    t0 = time.monotonic()
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= n_clients:
+            break
+        if time.monotonic() - t0 > timeout_s:
+            raise RuntimeError(f"Only {len(nodes)} of num_clients={n_clients} SuperNodes connected after "
+                               f"{timeout_s:.0f} s")
+        time.sleep(1.0)
+    replies = list(grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type="query.info")
+                                          for n in nodes]))
+    part = {int(r.content["info"]["partition-id"]): r.metadata.src_node_id for r in replies if not r.has_error()}
+    missing = sorted(set(range(n_clients)) - set(part))
+    if missing:
+        raise RuntimeError(f"No SuperNode holds partitions {missing} of num_clients={n_clients} "
+                           f"(got partition ids {sorted(part)})")
+    return part
+
+
+def run_flower(config: dict | None = None, backend_config: dict | None = None) -> dict:
+    """Run `config` through Flower's simulation engine with num_clients virtual SuperNodes. Returns
+    {"history", "state", "model"} in the simulator's format (`lrkit.fed.simulate.to_run_result` takes it)."""
+    from flwr.simulation import run_simulation
+
+    cfg = resolve_config(config)
+    sink: dict = {}
+    backend_config = backend_config or {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                        "init_args": {"num_cpus": 1, "include_dashboard": False}}
+    run_simulation(server_app=make_server_app(cfg, sink), client_app=make_client_app(),
+                   num_supernodes=cfg["num_clients"], backend_config=backend_config)
+    if "state" not in sink:
+        raise RuntimeError("The Flower run ended without a result (see the Flower log above)")
+    return sink | {"model": fedlrt.load_state(_model(cfg), sink["state"]), "device": "cpu"}
+
+
+def __getattr__(name):  # module-level apps for `flwr run`, built on first use (flwr is imported lazily)
+    if name == "server_app":
+        return make_server_app()
+    if name == "client_app":
+        return make_client_app()
+    raise AttributeError(name)
