@@ -15,6 +15,7 @@ import io
 import json
 import math
 import platform
+import re
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -103,6 +104,7 @@ def load(out_dir: str | Path) -> dict:
     doc = json.loads(path.read_text())
     if doc.get("schema") != SCHEMA:
         raise ValueError(f"{path}: schema {doc.get('schema')!r}, this kit reads schema {SCHEMA}")
+    doc["profile"] = _profile_of(doc.get("profile", ""))
     return doc
 
 
@@ -134,7 +136,14 @@ def _read(out_dir: Path) -> dict:
         notebook, profile = "/".join(parts[i + 1:-1]), parts[-1]
     except ValueError:
         notebook, profile = out_dir.parent.name, out_dir.name
-    return {"schema": SCHEMA, "notebook": notebook, "profile": profile, "runs": {}, "summary": {}}
+    return {"schema": SCHEMA, "notebook": notebook, "profile": _profile_of(profile), "runs": {}, "summary": {}}
+
+
+def _profile_of(dirname: str) -> str:
+    """The profile a report directory holds: "cpu" for "cpu" and for the runner's staging directory
+    ".cpu.staging-<random>" (records written before this fix carry the staging name; `load` maps it)."""
+    m = re.fullmatch(r"\.(\w+)\.staging-.*", dirname)
+    return m.group(1) if m else dirname
 
 
 def _write(out_dir: Path, doc: dict) -> Path:

@@ -65,3 +65,10 @@ def test_report_dir_validates():
         records.report_dir("../x", "cpu")
     with pytest.raises(FileNotFoundError, match="run the notebook first"):
         records.load("/nonexistent/dir")
+
+
+def test_load_maps_a_staging_directory_name_to_its_profile(tmp_path):
+    # records written before the runner's staging name was mapped carry ".cpu.staging-<random>"
+    (tmp_path / "metrics.json").write_text(json.dumps({"schema": records.SCHEMA, "notebook": "x",
+                                                       "profile": ".cpu.staging-ab_12", "runs": {}, "summary": {}}))
+    assert records.load(tmp_path)["profile"] == "cpu"

@@ -39,6 +39,8 @@ def test_run_exports_html_and_records_execution(sandbox):
     out = reports.run_notebook(nb, "smoke")
     assert out == sandbox / "reports" / "demo" / "tiny" / "smoke"
     assert {p.name for p in out.iterdir()} == {"metrics.json", "tiny.ipynb", "tiny.html"}
+    raw = json.loads((out / "metrics.json").read_text())  # not the staging directory's name
+    assert raw["profile"] == "smoke" and raw["notebook"] == "demo/tiny"
     doc = records.load(out)
     assert doc["execution"]["profile"] == "smoke" and doc["execution"]["wall_time_s"] > 0
     assert doc["runs"]["r"]["final"]["loss"] == 1.0
