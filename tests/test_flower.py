@@ -37,12 +37,16 @@ def _assert_same_run(a, b, rtol=0.0):
 @pytest.mark.parametrize("config", [
     # full variance correction, dynamic rank: all three stages every round
     dict(rounds=3, num_clients=3, variance_correction="full", tau=0.05),
-    # simplified correction (dL_c/dS rides on the basis stage), partial participation, minibatches, weighted
-    dict(rounds=3, num_clients=4, variance_correction="simplified", client_fraction=0.5, batch_size=4,
-         weighted=True, samples_per_client=12, optimizer="adam", lr=0.01),
+    # an MLP on Fashion-MNIST (biases and a dense head: "<param>.grad" messages): simplified correction
+    # (dL_c/dS and the dense gradients ride on the basis stage), partial participation, minibatches, Adam,
+    # weighted aggregation
+    dict(rounds=3, num_clients=4, problem="fashion_mnist", train_size=240, test_size=60, hidden=16, initial_rank=4,
+         variance_correction="simplified", client_fraction=0.5, batch_size=8, weighted=True, optimizer="adam",
+         lr=0.01),
     # FedLin: the dense, fixed-rank case of the same protocol (correction + coefficient stages)
-    dict(rounds=2, num_clients=2, method="fedlin"),
-], ids=["fedlrt-full", "fedlrt-simplified-partial", "fedlin"])
+    dict(rounds=2, num_clients=2, method="fedlin", problem="fashion_mnist", train_size=120, test_size=60, hidden=8,
+         batch_size=8, lr=0.1),
+], ids=["fedlrt-full-least-squares", "fedlrt-simplified-partial-mlp", "fedlin-mlp"])
 def test_flower_engine_equals_simulator(config):
     sim = flower.simulate(config)
     fl = flower.run_flower(config)
@@ -51,6 +55,8 @@ def test_flower_engine_equals_simulator(config):
     assert sim["history"][-1]["loss"] < sim["history"][0]["loss"]  # it trained
     if config.get("client_fraction", 1.0) < 1:
         assert {len(h["clients"]) for h in sim["history"][1:]} == {2}
+    if config.get("problem") == "fashion_mnist":  # the server-side test set, evaluated identically
+        assert [h["test_accuracy"] for h in sim["history"]] == [h["test_accuracy"] for h in fl["history"]]
 
 
 def test_simulate_config_runs_fashion_mnist_mlp():
