@@ -48,17 +48,15 @@ def notebook_key(nb: Path) -> str:
     return nb.resolve().relative_to(NOTEBOOKS_DIR).with_suffix("").as_posix()
 
 
-LAYERS = {"smoke": (), "cpu": ("cpu",), "gpu": ("cpu", "gpu"), "paper": ("cpu", "gpu", "paper")}
-
-
 def notebook_parameters(nb: Path, profile: str) -> dict:
     """The notebook's parameters at `profile`: smoke = the notebook's own defaults; each larger profile
-    layers its YAML (configs/<profile>/<key>.yaml) over the ones below it (cpu, then gpu, then paper), so
-    a gpu or paper YAML holds only what changes and a notebook without one runs at least at cpu size."""
-    if profile not in LAYERS:
-        raise ValueError(f"Invalid profile: {profile!r} (expected one of {list(LAYERS)})")
+    layers its YAML (configs/<profile>/<key>.yaml) over the ones below it (records.PROFILES order: cpu,
+    then gpu, then paper), so a gpu or paper YAML holds only what changes and a notebook without one runs
+    at least at cpu size."""
+    if profile not in records.PROFILES:
+        raise ValueError(f"Invalid profile: {profile!r} (expected one of {list(records.PROFILES)})")
     params = {}
-    for layer in LAYERS[profile]:
+    for layer in records.PROFILES[1:records.PROFILES.index(profile) + 1]:
         path = CONFIGS_DIR / layer / f"{notebook_key(nb)}.yaml"
         params |= (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
     return params

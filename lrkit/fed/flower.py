@@ -115,6 +115,15 @@ def _model(cfg: dict) -> nn.Module:
     return build_model(p["model_fn"], cfg["seed"], cfg["initial_rank"], cfg["r_min"], cfg["r_max"] or None, exclude)
 
 
+@functools.lru_cache(maxsize=8)
+def _client_model(cfg_json: str, partition: int) -> tuple:
+    """(model, layer dims) of a client, built once per run and process: the message supplies every weight
+    (functional_call), so only the structure and the analytic FLOPs' dimensions are needed."""
+    cfg = json.loads(cfg_json)
+    model = _model(cfg)
+    return model, layer_dims(model, load_problem(cfg)["clients"][partition][0])
+
+
 def simulate(config: dict | None = None) -> dict:
     """The in-process simulator on the same config: the reference for `run_flower`."""
     cfg = resolve_config(config)
@@ -164,21 +173,22 @@ def make_client_app():
         return Message(RecordDict({"info": ConfigRecord({"partition-id": partition(context)})}), reply_to=msg)
 
     def stage(msg: Message, context: Context) -> Message:
-        cfg = json.loads(msg.content["config"]["config"])
+        cfg_json = msg.content["config"]["config"]
+        cfg = json.loads(cfg_json)
         t, name, c = int(msg.content["config"]["round"]), msg.content["config"]["stage"], partition(context)
         data = load_problem(cfg)["clients"][c]
+        model, dims = _client_model(cfg_json, c)
         st = context.state
         if "round" not in st or st["round"]["round"] != t:  # a new round: forget the last one
             st["round"], st["received"], st["own"] = ConfigRecord({"round": t}), ArrayRecord(), ArrayRecord()
         received = _tensors(st["received"]) | _tensors(msg.content["arrays"])
         own = _tensors(st["own"]) or None
         knobs = _knobs(cfg)
-        model = _model(cfg)
         t0 = time.perf_counter()
         reply = fedlrt.client_step(name, model, received, own, data, default_loss(data[1]), knobs,
                                    fedlrt.client_generator(cfg["seed"], t, c))
         wall = time.perf_counter() - t0
-        flops = client_flops(name, layer_dims(model, data[0]), received, len(data[0]), knobs)
+        flops = client_flops(name, dims, received, len(data[0]), knobs)
         st["received"] = _record(received)
         if name != "coefficients":
             st["own"] = _record(reply)
@@ -190,9 +200,10 @@ def make_client_app():
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
-        cfg = json.loads(msg.content["config"]["config"])
-        data = load_problem(cfg)["clients"][partition(context)]
-        loss, acc = evaluate(_model(cfg), _tensors(msg.content["arrays"]), data, default_loss(data[1]))
+        cfg_json, c = msg.content["config"]["config"], partition(context)
+        data = load_problem(json.loads(cfg_json))["clients"][c]
+        loss, acc = evaluate(_client_model(cfg_json, c)[0], _tensors(msg.content["arrays"]), data,
+                             default_loss(data[1]))
         metrics = {"loss": loss} | ({"accuracy": acc} if acc is not None else {})
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -3,9 +3,10 @@ baselines FedAvg and FedLin (FedAvg with the FeDLRT/SCAFFOLD-style gradient corr
 as compared in the paper's Sec. 4.
 
 One round loop serves all three: `drive_round` runs `fedlrt.server_round` against the clients, here in
-this process one after the other (`lrkit.fed.flower` drives the same function over Flower messages). Every tensor that crosses the network goes through a `Channel`, which
-counts its floats (numel) and bytes (numel * element size) per client and direction, so the accounting is
-of what was exchanged, not of a formula. Client FLOPs are analytic (see `forward_flops`); client wall
+this process one after the other (`lrkit.fed.flower` drives the same function over Flower messages).
+Every tensor that crosses the network goes through a `Channel`, which counts its floats (numel) and bytes
+(numel * element size) per client and direction, so the accounting is of what was exchanged, not of a
+formula. Client FLOPs are analytic (see `forward_flops`); client wall
 time is measured around each client computation. A FedAvg/FedLin round is a FeDLRT round with
 dynamic_rank=False on a dense model: the client "coefficients" are then the full weights.
 
@@ -29,7 +30,9 @@ from lrkit.fed import fedlrt
 from lrkit.fed.fedlrt import key
 from lrkit.fed.layers import LowRankConv2d, LowRankLinear, low_rank_layers, to_low_rank
 
-__all__ = ["Channel", "forward_flops", "layer_dims", "client_flops", "received_ranks", "drive_round", "run_fedlrt", "run_fedavg", "run_fedlin", "to_run_result"]
+__all__ = ["Channel", "COSTS", "forward_flops", "layer_dims", "client_flops", "received_ranks", "drive_round",
+           "build_model", "evaluate", "combine", "sample_participants", "run_fedlrt", "run_fedavg", "run_fedlin",
+           "to_run_result"]
 
 
 COSTS = ("floats_down", "floats_up", "bytes_down", "bytes_up", "flops", "wall_time")  # per client and round
@@ -185,7 +188,8 @@ def evaluate(model, state: dict, data, loss_fn, chunk_size: int | None = None) -
     if chunk_size is None or chunk_size >= len(X):
         out = functional_call(model, state, (X,))
     else:
-        out = torch.cat([functional_call(model, state, (X[i:i + chunk_size],)) for i in range(0, len(X), chunk_size)])
+        out = torch.cat([functional_call(model, state, (X[i:i + chunk_size],))
+                         for i in range(0, len(X), chunk_size)])
     acc = None if torch.is_floating_point(y) else float((out.argmax(-1) == y).float().mean())
     return float(loss_fn(out, y)), acc
 
@@ -203,10 +207,12 @@ def combine(results: list, weights) -> tuple[float, float | None]:
 def sample_participants(n_clients: int, client_fraction: float, generator: torch.Generator) -> list[int]:
     """The round's participants: all clients, or a seeded draw of round(fraction * n) (at least one)."""
     m = max(1, round(client_fraction * n_clients))
-    return list(range(n_clients)) if m == n_clients else sorted(torch.randperm(n_clients, generator=generator)[:m].tolist())
+    if m == n_clients:
+        return list(range(n_clients))
+    return sorted(torch.randperm(n_clients, generator=generator)[:m].tolist())
 
 
-def check_run_args(clients_data, rounds, client_fraction) -> None:
+def _check_run_args(clients_data, rounds, client_fraction) -> None:
     if not clients_data:
         raise ValueError("Invalid clients_data: empty (expected a list of (X, y) per client)")
     if not isinstance(rounds, int) or rounds < 0:
@@ -216,7 +222,7 @@ def check_run_args(clients_data, rounds, client_fraction) -> None:
 
 
 def _simulate(model, clients_data, rounds, knobs, *, loss_fn, seed, client_fraction, weighted, eval_data, device):
-    check_run_args(clients_data, rounds, client_fraction)
+    _check_run_args(clients_data, rounds, client_fraction)
     device = torch.device(device or "cpu")
     model = model.to(device)
     clients_data = [(X.to(device), y.to(device)) for X, y in clients_data]
