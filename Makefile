@@ -16,12 +16,14 @@ export TOKENIZERS_PARALLELISM := false
 export OMP_NUM_THREADS ?= 1
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: help setup data test unit nbval reproduce index readme check-reports bench lab strip clean
+.PHONY: help setup data test unit nbval reproduce tune seed-check index readme check-reports bench lab strip clean
 help:
 	@echo "make reproduce [PROFILE=smoke|cpu|gpu|paper]  run every notebook, write reports/ (default: gpu if CUDA, else cpu)"
 	@echo "make test                                     unit tests + nbval over every notebook at smoke size"
 	@echo "make lab                                      JupyterLab on notebooks/"
 	@echo "make data                                     fetch and verify every offline dataset into data/"
+	@echo "make tune [PROFILE=...]                      run each paper's learning-rate sweep (notebooks/*/tuning.ipynb)"
+	@echo "make seed-check NB=notebooks/x/y.ipynb SEEDS=5,6,7  rerun with other seeds, compare the verdicts"
 	@echo "make check-reports                            diff fresh cpu results against the committed reference"
 	@echo "make bench                                    tokens/s and memory of every optimizer on this machine"
 
@@ -54,6 +56,13 @@ readme: setup
 	$(PY) -m lrkit.reports readme
 run/%: setup
 	$(PY) -m lrkit.reports run $* --profile $(PROFILE)
+# Each paper's tuning notebook chooses the learning rates the folder's other notebooks read: it runs first.
+TUNING := $(filter %/tuning.ipynb,$(NOTEBOOKS))
+$(foreach t,$(TUNING),$(eval $(addprefix run/,$(filter-out $(t),$(filter $(dir $(t))%,$(NOTEBOOKS)))): run/$(t)))
+tune: setup data
+	$(MAKE) --no-print-directory -j $(JOBS) $(addprefix run/,$(TUNING))
+seed-check: setup data
+	$(PY) -m lrkit.reports seed-check $(NB) --seeds $(SEEDS) --profile cpu
 
 index: setup
 	$(PY) -m lrkit.reports index --profile $(PROFILE)

@@ -95,6 +95,7 @@ class Claim:
             q += " (ratio)" if self.quantity == "ratio" else ""
         else:
             q = q.format(*self.arms)
+        q = f"{self.metric}: {q}"
         if self.op == "between":
             lo = 1 / self.bound if self.quantity == "ratio" else -self.bound
             return f"{_num(lo)} < {q} < {_num(self.bound)}"
@@ -146,11 +147,11 @@ def interval(values, log: bool = False, level: float = LEVEL) -> tuple[float, fl
     n = len(x)
     if n == 0:
         return float("nan"), float("nan"), float("nan"), 0
-    mean = float(x.mean())
+    mean = float(x[0]) if np.ptp(x) == 0 else float(x.mean())  # identical values: exactly that value
     if n == 1:
         lo = hi = float("nan")
     else:
-        half = float(stats.t.ppf(0.5 + level / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
+        half = 0.0 if np.ptp(x) == 0 else float(stats.t.ppf(0.5 + level / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
         lo, hi = mean - half, mean + half
     f = math.exp if log else float
     return f(mean), (f(lo) if not math.isnan(lo) else lo), (f(hi) if not math.isnan(hi) else hi), n

@@ -62,8 +62,11 @@ def notebook_parameters(nb: Path, profile: str) -> dict:
     return params
 
 
-def run_notebook(nb: str | Path, profile: str = "auto") -> Path:
-    """Execute one notebook with papermill at ``profile`` and export it to HTML; returns its report dir."""
+def run_notebook(nb: str | Path, profile: str = "auto", overrides: dict | None = None,
+                 final: Path | None = None) -> Path:
+    """Execute one notebook with papermill at ``profile`` and export it to HTML; returns its report dir.
+    ``overrides`` update the profile's parameters and ``final`` replaces the report directory (the
+    seed-set check runs a notebook with other seeds beside, not over, the reference)."""
     import papermill
 
     nb = Path(nb).resolve()
@@ -71,13 +74,14 @@ def run_notebook(nb: str | Path, profile: str = "auto") -> Path:
         raise ValueError(f"Invalid notebook: {nb} (expected an existing .ipynb under notebooks/)")
     prof = profile_settings(profile)
     key = notebook_key(nb)
-    final = records.report_dir(key, prof["name"])
+    final = Path(final) if final is not None else records.report_dir(key, prof["name"])
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(f".{prof['name']}.staging-*"):  # left by a killed run (one run per notebook)
         shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{prof['name']}.staging-"))
     staging.chmod(0o755)
-    params = {**notebook_parameters(nb, prof["name"]), "profile": prof["name"], "report_dir": str(staging)}
+    params = {**notebook_parameters(nb, prof["name"]), **(overrides or {}), "profile": prof["name"],
+              "report_dir": str(staging)}
     env_before = os.environ.get("LRKIT_HEADLESS")
     os.environ["LRKIT_HEADLESS"] = "1"  # progress bars off in the headless kernel
     t0 = time.perf_counter()
@@ -134,13 +138,16 @@ def _collect(profile: str) -> list[tuple[str, Path, dict]]:
     return out
 
 
-def _html_table(rows: list[dict], digits: int = 4) -> str:
+def _html_table(rows: list[dict], digits: int = 4, verdict_col: str | None = None) -> str:
     if not rows:
         return ""
     cols = list(rows[0])
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c), digits))}</td>" for c in cols) + "</tr>"
-                   for r in rows)
+
+    def cell(r, c):
+        text = html.escape(_fmt(r.get(c), digits))
+        return f'<span class="v {_vclass(str(r.get(c)))}">{text}</span>' if c == verdict_col else text
+    body = "".join("<tr>" + "".join(f"<td>{cell(r, c)}</td>" for c in cols) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -150,34 +157,81 @@ def _fmt(v, digits: int = 4) -> str:
     return "" if v is None else str(v)
 
 
+CLAIM_COLUMNS = ("claim", "verdict", "estimate", "low", "high", "n", "target", "paper", "source")
+
+
+def _claim_rows(doc: dict) -> list[dict]:
+    """The notebook's verdicts (recorded by ``lrkit.experiments.report``) as display rows."""
+    return [{"claim": c["claim"], "verdict": c["verdict"], "estimate": c["estimate"], "95% CI": _ci(c),
+             "n seeds": c["n"], "tested": c["target"], "paper": c.get("paper"), "source": c["source"]}
+            for c in doc.get("summary", {}).get("claims", [])]
+
+
+def _ci(c: dict) -> str:
+    lo, hi = c.get("low"), c.get("high")
+    if lo is None or hi is None or c.get("n", 0) < 2:
+        return "none (one seed)"
+    return f"[{_fmt(lo)}, {_fmt(hi)}]"
+
+
+def _paper_of(key: str) -> str:
+    return key.split("/", 1)[0] if "/" in key else "kit"
+
+
 def build_index(profile: str = "auto") -> Path:
-    """reports/index.html: one card per notebook with its headline figure, summary table, profile,
-    device and run time, linking the executed notebook's HTML."""
+    """reports/index.html: a contents list and one section per paper; per notebook a card with every
+    claim's verdict, estimate, interval and n at the top, then its headline figure, summary table,
+    profile, device and run time, and a link to the executed notebook's HTML."""
     prof = profile_settings(profile)["name"]
-    cards = []
+    cards, toc, counts = {}, [], {}
     for key, d, doc in _collect(prof):
         ex, summ = doc.get("execution", {}), doc.get("summary", {})
         rel = d.relative_to(REPORTS_DIR).as_posix()
+        anchor = key.replace("/", "-")
         fig = f'<img src="{rel}/{html.escape(summ["headline"])}" alt="{key} headline figure">' \
             if summ.get("headline") else ""
         link = f'<a href="{rel}/{html.escape(ex["html"])}">executed notebook</a>' if ex.get("html") else ""
-        concl = "".join(f"<li>{html.escape(c)}</li>" for c in summ.get("conclusions", []))
+        rows = _claim_rows(doc)
+        for r in rows:
+            counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
+        verdicts = "".join(f'<span class="v {_vclass(r["verdict"])}">{html.escape(r["verdict"])}</span> '
+                           for r in rows)
+        claims_html = _html_table(rows, verdict_col="verdict") if rows else ""
+        notes = [c for c in summ.get("conclusions", [])]
+        concl = "".join(f"<li>{html.escape(c)}</li>" for c in notes)
         meta = (f"profile <b>{html.escape(prof)}</b> · {html.escape(ex.get('device_name', '?'))} · "
                 f"run time {ex.get('wall_time_s', 0):.0f} s · commit {html.escape(_short(doc))}")
-        cards.append(f'<section class="card"><h2>{html.escape(key)}</h2><p class="meta">{meta}</p>'
-                     f"{fig}{_html_table(summ.get('table', []))}<ul>{concl}</ul><p>{link}</p></section>")
+        toc.append(f'<li><a href="#{anchor}">{html.escape(key)}</a> {verdicts}</li>')
+        cards.setdefault(_paper_of(key), []).append(
+            f'<section class="card" id="{anchor}"><h3>{html.escape(key)}</h3><p class="meta">{meta}</p>'
+            f"{claims_html}{fig}<details><summary>summary table and conclusions</summary>"
+            f"<div class=\"scroll\">{_html_table(summ.get('table', []))}</div><ul>{concl}</ul></details>"
+            f"<p>{link}</p></section>")
+    body = "".join(f'<h2 id="paper-{p}">{html.escape(p)}</h2>{"".join(c)}' for p, c in cards.items())
     if not cards:
-        cards.append(f"<p>No results for profile {html.escape(prof)} yet: run <code>make reproduce</code>.</p>")
+        body = f"<p>No results for profile {html.escape(prof)} yet: run <code>make reproduce</code>.</p>"
+    tally = ", ".join(f"{n} {html.escape(v)}" for v, n in sorted(counts.items()))
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>lrkit reports ({prof})</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2rem;max-width:1100px}}
+<style>body{{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1150px;padding:0 1rem}}
 .card{{border:1px solid #ccc;border-radius:8px;padding:1rem;margin:1rem 0}}
-.card img{{max-width:100%}} .meta{{color:#555}} table{{border-collapse:collapse;margin:.5rem 0}}
-td,th{{border:1px solid #ddd;padding:.25rem .5rem;text-align:right}}</style></head>
-<body><h1>lrkit reports: profile {html.escape(prof)}</h1>{''.join(cards)}</body></html>"""
+.card img{{max-width:100%}} .meta{{color:#555}} .scroll{{overflow-x:auto}}
+table{{border-collapse:collapse;margin:.5rem 0;font-size:.85rem;display:block;overflow-x:auto}}
+td,th{{border:1px solid #ddd;padding:.25rem .5rem;text-align:right}}
+.v{{border-radius:4px;padding:0 .35rem;color:white;font-size:.8rem;white-space:nowrap}}
+.holds{{background:#2a9d8f}} .contradicted{{background:#e76f51}} .unresolved{{background:#8d99ae}}</style></head>
+<body><h1>lrkit reports: profile {html.escape(prof)}</h1>
+<p>Each claim is tested by one rule (<code>lrkit.claims</code>): a paired Student-t 95% interval across seeds;
+<b>holds</b> when the whole interval is on the claim's side of the tested bound, <b>contradicted</b> when it is
+wholly on the other side, otherwise <b>unresolved at this scale</b>. Verdicts: {tally or "none"}.</p>
+<nav><ul>{''.join(toc)}</ul></nav>{body}</body></html>"""
     path = REPORTS_DIR / "index.html"
     atomic_write_bytes(path, page.encode())
-    print(f"wrote {path} ({len(cards)} notebooks)")
+    print(f"wrote {path} ({len(toc)} notebooks)")
     return path
+
+
+def _vclass(verdict: str) -> str:
+    return verdict.split()[0] if verdict else ""
 
 
 def _short(doc: dict) -> str:
@@ -185,22 +239,35 @@ def _short(doc: dict) -> str:
     return ", ".join(c[:10] + ("+dirty" if c.endswith("+dirty") else "") for c in sorted(commits))
 
 
+def _md_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    cols = list(rows[0])
+    return (["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            + ["| " + " | ".join(_fmt(r.get(c)).replace("|", "\\|") for c in cols) + " |" for r in rows] + [""])
+
+
 def build_readme(profile: str = "cpu") -> Path:
-    """reports/README.md: the committed reference results' headline tables and figures."""
+    """reports/README.md: every claim with its verdict, estimate, interval and n (all notebooks in one
+    table first), then per notebook its claims, headline figure, summary table and conclusions."""
     lines = [f"# Reference results ({profile} profile)", "",
              "Generated by `make reproduce` (`python -m lrkit.reports readme`); do not edit by hand. "
-             "Each section is one notebook's summary, computed by the notebook from its own run.", ""]
-    for key, d, doc in _collect(profile):
+             "Each section is one notebook's summary, computed by the notebook from its own run.", "",
+             "Verdicts come from one rule (`lrkit.claims`): per claim a quantity per seed (a paired difference or "
+             "ratio of two arms, or one arm's value), Student's t 95 % interval of its mean across seeds, and "
+             "**holds** when the whole interval lies on the claim's side of the tested bound, **contradicted** "
+             "when it lies wholly on the other side, else **unresolved at this scale**.", "",
+             "## All claims", ""]
+    docs = _collect(profile)
+    lines += _md_table([{"notebook": key, **{k: v for k, v in r.items() if k != "source"}}
+                        for key, _, doc in docs for r in _claim_rows(doc)])
+    for key, d, doc in docs:
         ex, summ = doc.get("execution", {}), doc.get("summary", {})
         rel = d.relative_to(REPORTS_DIR).as_posix()
         lines += [f"## {key}", "",
                   f"{ex.get('device_name', '?')}, run time {ex.get('wall_time_s', 0):.0f} s, commit {_short(doc)}.", ""]
-        rows = summ.get("table", [])
-        if rows:
-            cols = list(rows[0])
-            lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-            lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
-            lines.append("")
+        lines += _md_table(_claim_rows(doc))
+        lines += _md_table(summ.get("table", []))
         lines += [f"- {c}" for c in summ.get("conclusions", [])]
         if summ.get("headline"):
             lines += ["", f"![{key}]({rel}/{summ['headline']})"]
@@ -251,6 +318,36 @@ def check_reports(profile: str = "cpu", rtol: float = 0.02, ref: str = "HEAD") -
     return ok
 
 
+# ---------------------------------------------------------------------------------------- seed check
+def seed_check(nb: str | Path, seeds: list[int], profile: str = "cpu") -> dict:
+    """Rerun a notebook with another set of seeds (same size as the reference's) into a scratch directory
+    and compare its verdicts with the committed reference's: the holds/contradicted verdicts must not depend
+    on the particular seeds. Writes ``reports/seed_check/<notebook>.json`` and returns it."""
+    nb = Path(nb).resolve()
+    key = notebook_key(nb)
+    ref = records.load(records.report_dir(key, profile))
+    with tempfile.TemporaryDirectory() as tmp:
+        other = records.load(run_notebook(nb, profile, overrides={"seeds": list(seeds)}, final=Path(tmp) / profile))
+    ref_seeds = sorted({r["seed"] for r in ref["runs"].values() if not r["config"].get("tuning")})
+    a = {c["claim"]: c["verdict"] for c in ref["summary"].get("claims", [])}
+    b = {c["claim"]: c["verdict"] for c in other["summary"].get("claims", [])}
+    # A firm verdict (holds or contradicted) on one seed set must be the same verdict on the other.
+    changed = sorted(c for c in a if a[c] != b.get(c))
+    flips = [c for c in changed if {a[c], b.get(c)} & {"holds", "contradicted"}]
+    doc = {"notebook": key, "profile": profile, "reference_seeds": ref_seeds, "other_seeds": list(seeds),
+           "reference": a, "other": b, "firm_verdicts_not_reproduced": flips, "changed": changed,
+           "agree": not flips, "checked_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "git_commit": records.git_commit()}
+    path = REPORTS_DIR / "seed_check" / f"{key.replace('/', '__')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps(doc, indent=1).encode())
+    print(f"{key}: reference seeds {ref_seeds} vs {list(seeds)}")
+    for c in a:
+        print(f"  {c:<36} {a[c]:<26} {b.get(c, '-'):<26}{'  <-- changed' if c in changed else ''}")
+    print(f"holds/contradicted verdicts not reproduced by the other seeds: {flips or 'none'} -> {path}")
+    return doc
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lrkit.reports", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -261,6 +358,10 @@ def main(argv=None) -> int:
     i = sub.add_parser("index", help="write reports/index.html")
     i.add_argument("--profile", default="auto")
     sub.add_parser("readme", help="write reports/README.md from the cpu results")
+    sc = sub.add_parser("seed-check", help="rerun a notebook with other seeds, compare its verdicts")
+    sc.add_argument("notebook")
+    sc.add_argument("--seeds", required=True, help="comma-separated, e.g. 5,6,7,8,9")
+    sc.add_argument("--profile", default="cpu")
     c = sub.add_parser("check", help="diff fresh results against the committed reference")
     c.add_argument("--profile", default="cpu")
     c.add_argument("--rtol", type=float, default=0.02)
@@ -275,6 +376,8 @@ def main(argv=None) -> int:
         build_index(args.profile)
     elif args.cmd == "readme":
         build_readme("cpu")
+    elif args.cmd == "seed-check":
+        seed_check(args.notebook, [int(x) for x in args.seeds.split(",")], args.profile)
     elif args.cmd == "check":
         return 0 if check_reports(args.profile, args.rtol, args.ref) else 1
     return 0

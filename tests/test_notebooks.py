@@ -11,6 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(p for p in (ROOT / "notebooks").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
 CONFIGS = sorted((ROOT / "configs").glob("*/**/*.yaml"))
 PROFILES = yaml.safe_load((ROOT / "configs" / "profiles.yaml").read_text())
+MAX_CODE_LINES = 75
+VERDICT_WORDS = ("claim holds", "NOT hold", "as the paper", "does not hold", "holds at this scale", "NOT within",
+                 "NOT clearly")
 
 
 def _key(nb: Path) -> str:
@@ -49,8 +52,15 @@ def test_notebook_hygiene(nb):
     tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1 and code[0] is tagged[0], "the first code cell is the one parameters cell"
     params = papermill.inspect_notebook(str(nb))
-    assert {"profile", "report_dir", "seed"} <= set(params)
+    assert {"profile", "report_dir", "seeds"} <= set(params) and "seed" not in params
     assert eval(params["profile"]["default"]) == "smoke"
+    # Thin: parameters -> one suite call -> table -> figure -> claims; logic lives in lrkit/.
+    lines = [ln for c in code for ln in c.source.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    assert len(lines) <= MAX_CODE_LINES, f"{len(lines)} code lines (at most {MAX_CODE_LINES}): move logic to lrkit/"
+    assert not [c for c in code if c.source.lstrip().startswith("def ") or "\ndef " in c.source], "no functions in notebooks"
+    # Verdicts are rendered by lrkit.claims, never written into a notebook's strings.
+    text = "\n".join(c.source for c in code)
+    assert not [w for w in VERDICT_WORDS if w in text], "verdict text built by hand; use lrkit.claims"
     for c in code:
         if "plt." in c.source or "sns." in c.source:
             assert c.source.startswith("# NBVAL_IGNORE_OUTPUT"), f"plot cell without NBVAL_IGNORE_OUTPUT:\n{c.source[:80]}"
