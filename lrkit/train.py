@@ -3,6 +3,17 @@
 Batches are random windows of the tokenized training stream drawn from a seeded generator; validation
 uses fixed, evenly spaced windows of the held-out works, so every run of a notebook sees the same data.
 Schedule: linear warm-up then cosine decay to ``min_lr_ratio`` of the peak (the GaLore recipe).
+
+Failure, in a run's ``final`` dict (the rule, written once):
+
+* ``diverged``: the train loss became NaN or infinite (training stopped there), or the last validation
+  loss is not finite;
+* ``unstable``: diverged, or the run *ended far worse than its best point*: its final validation loss
+  exceeds the lowest validation loss it logged by more than ``unstable_margin`` nats (default 0.1, a
+  perplexity 10.5 % above the run's own best). Under a decaying schedule a healthy run ends at or near
+  its best, so this catches late blow-ups and loss plateaus broken by spikes that NaN checks miss.
+  ``val_loss_above_best`` (final minus best, >= 0) is the continuous measure behind it and
+  ``best_val_loss`` the best point; both are None for a diverged run.
 """
 from __future__ import annotations
 
@@ -32,6 +43,7 @@ class LMTrainConfig:
     log_every: int = 0  # history row with the train loss every log_every steps; 0 = at evaluations only
     seed: int = 0
     device: str = "auto"
+    unstable_margin: float = 0.1  # nats: final val loss this far above the run's best = unstable
 
     def __post_init__(self):
         for k in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows"):
@@ -44,6 +56,9 @@ class LMTrainConfig:
             raise ValueError(f"Invalid lr: {self.lr!r} (expected a finite positive number)")
         if not 0 <= self.warmup_frac < 1:
             raise ValueError(f"Invalid warmup_frac: {self.warmup_frac!r} (expected 0 <= x < 1)")
+        if not (isinstance(self.unstable_margin, (int, float)) and math.isfinite(self.unstable_margin)
+                and self.unstable_margin >= 0):
+            raise ValueError(f"Invalid unstable_margin: {self.unstable_margin!r} (expected a finite number >= 0)")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"Invalid min_lr_ratio: {self.min_lr_ratio!r} (expected 0 <= x <= 1)")
 
@@ -103,6 +118,18 @@ def backward_and_clip(loss, model, optimizer, grad_clip) -> None:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
 
 
+def stability(history: list[dict], diverged: bool, margin: float) -> dict:
+    """``best_val_loss``, ``val_loss_above_best`` and ``unstable`` of a run's history (the rule in the
+    module docstring): unstable when diverged or when the last validation loss exceeds the lowest one
+    logged by more than ``margin`` nats."""
+    vals = [r["val_loss"] for r in history if r.get("val_loss") is not None and math.isfinite(r["val_loss"])]
+    if diverged or not vals:
+        return {"best_val_loss": None, "val_loss_above_best": None, "unstable": True}
+    best = min(vals)
+    above = history[-1]["val_loss"] - best
+    return {"best_val_loss": best, "val_loss_above_best": above, "unstable": above > margin}
+
+
 def train_lm(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, corpus,
              cfg: LMTrainConfig, extra_config: dict | None = None, scheduler=None,
              callbacks=()) -> RunResult:
@@ -154,7 +181,8 @@ def train_lm(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     diverged = last.get("train_loss") is None or not math.isfinite(last.get("val_loss", 0.0))
     final = {"val_loss": None if diverged else last["val_loss"],
              "val_ppl": None if diverged else last["val_ppl"],
-             "train_loss": last.get("train_loss"), "diverged": diverged, "steps": step,
+             "train_loss": last.get("train_loss"), "diverged": diverged,
+             **stability(history, diverged, cfg.unstable_margin), "steps": step,
              "tokens": step * cfg.batch_size * cfg.seq_len,
              **(optimizer.timings() if hasattr(optimizer, "timings") else {})}
     info = device_info(device)

@@ -49,3 +49,20 @@ def test_config_validation_names_the_value(bad):
     key = next(iter(bad))
     with pytest.raises(ValueError, match=f"Invalid {key}"):
         LMTrainConfig(**bad)
+
+
+def test_stability_rule_catches_runs_that_end_far_above_their_best():
+    from lrkit.train import stability
+
+    rows = lambda vals: [{"step": 10 * (i + 1), "train_loss": v, "val_loss": v} for i, v in enumerate(vals)]
+    assert stability(rows([3.0, 2.5, 2.4]), False, 0.1) == {"best_val_loss": 2.4, "val_loss_above_best": 0.0,
+                                                           "unstable": False}
+    late = stability(rows([3.0, 2.5, 2.9]), False, 0.1)  # no NaN anywhere, yet it ended 0.4 nats above its best
+    assert late["unstable"] and late["val_loss_above_best"] == pytest.approx(0.4)
+    assert not stability(rows([3.0, 2.5, 2.6]), False, 0.1 + 1e-9)["unstable"]  # within the margin (strict >)
+    assert stability(rows([3.0]) + [{"step": 20, "train_loss": None}], True, 0.1) == {
+        "best_val_loss": None, "val_loss_above_best": None, "unstable": True}
+    r = _run(0)
+    assert r.final["unstable"] is False and r.final["best_val_loss"] <= r.final["val_loss"]
+    with pytest.raises(ValueError, match="Invalid unstable_margin"):
+        LMTrainConfig(unstable_margin=-1.0)

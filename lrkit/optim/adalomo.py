@@ -100,6 +100,37 @@ def nmf_refine(T: torch.Tensor, A: torch.Tensor, B: torch.Tensor, iters: int):
     return A, B
 
 
+def pivoted_qr(T: torch.Tensor, k: int):
+    """The first ``k`` steps of QR with column pivoting (Businger & Golub 1965, LAPACK ``geqp3``) of
+    ``T`` (..., n, m), batched over leading dims: each step takes the column with the largest residual
+    norm, orthogonalises it against the columns taken so far (twice, for accuracy) and removes it from
+    the residual. Returns Q (..., n, k) with orthonormal columns, R (..., k, m) = Q^T T in T's own column
+    order (so Q R is the rank-k approximation Q Q^T T) and the pivots (..., k). A rank-deficient T gets
+    zero columns in Q past its rank. torch.linalg.qr has no pivoting; this runs on any device."""
+    *b, n, m = T.shape
+    k = min(k, n, m)
+    T3 = T.reshape(-1, n, m)
+    # pivots and Q do not depend on T's scale; scaling to max 1 keeps squared norms clear of underflow
+    scale = T3.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(T.dtype).tiny)
+    X = T3 / scale  # the residual, updated in place
+    Q = X.new_zeros(X.shape[0], n, k)
+    piv = torch.empty(X.shape[0], k, dtype=torch.long, device=T.device)
+    rows = torch.arange(X.shape[0], device=T.device)
+    for j in range(k):
+        p = torch.linalg.vector_norm(X, dim=-2).argmax(-1)
+        piv[:, j] = p
+        q = X[rows, :, p]
+        for _ in range(2):
+            q = q - (Q[..., :j] @ (Q[..., :j].mT @ q.unsqueeze(-1))).squeeze(-1)
+        # a residual at rounding level (T of rank < j + 1; |T| <= 1 after scaling) gives a zero column
+        norm = q.norm(dim=-1, keepdim=True)
+        q = torch.where(norm > max(n, m) * torch.finfo(T.dtype).eps, q / norm, torch.zeros_like(q))
+        Q[..., j] = q
+        X.baddbmm_(q.unsqueeze(-1), q.unsqueeze(-2) @ X, alpha=-1)
+    R = Q.mT @ T3
+    return Q.reshape(*b, n, k), R.reshape(*b, k, m), piv.reshape(*b, k)
+
+
 class AdaLomo(FusedOptimizer):
     r"""AdaLomo (arXiv 2310.10195), fused into backward by default.
 
@@ -132,13 +163,14 @@ class AdaLomo(FusedOptimizer):
             plain gradients -- it is an ablation, not a memory saver.
         second_moment: "nmf" (rank ``factor_rank``; rank 1 = the closed form above, rank k refined by
             ``nmf_iters`` multiplicative updates warm-started from the previous factors), "svd"
-            (truncated SVD), "qr" (randomised range finder with a seeded sketch), "full" (unfactored
-            EMA). Rank-k variants form the dense target beta2 * V_prev + (1 - beta2) S transiently;
+            (truncated SVD), "qr" (rank-revealing QR: column-pivoted, truncated to k columns,
+            :func:`pivoted_qr`), "full" (unfactored EMA). Rank-k variants form the dense target
+            beta2 * V_prev + (1 - beta2) S transiently;
             svd/qr results are clamped to >= eps1. factor_rank is capped at min(n, m).
         max_grad_norm: global gradient-norm clipping. Fused: two backward passes per step, see
             ``grad_norm_pass()`` / ``backward(loss)``; unfused: a plain clip inside ``step()``.
-        seed: seeds the "nmf" rank-k initial factors and the "qr" sketches (drawn on CPU, so every
-            device sees the same numbers).
+        seed: seeds the "nmf" rank-k initial factors (drawn on CPU, so every device sees the same
+            numbers).
     """
 
     def __init__(self, params, lr: float = 1e-3, eps: tuple[float, float] = (1e-30, 1e-3),
@@ -230,15 +262,15 @@ class AdaLomo(FusedOptimizer):
             Q.copy_(Vh[..., :k, :].mT * sq)
             del T, Uk, Vh
             V = (P @ Q.mT).clamp_min_(eps1)  # SVD factors can go negative
-        else:  # "qr": randomised range finder on a k-column sketch
+        else:  # "qr": rank-revealing QR (column pivoting) of the target, truncated to k columns
             Q, W = state["Q"], state["W"]
             T = (Q @ W).mul_(beta2).add_(S, alpha=1 - beta2)
             del S
-            sketch = torch.randn(T.shape[-1], k, generator=self._generator(p, group, t)).to(T)
-            Q.copy_(torch.linalg.qr(T @ sketch).Q)
-            W.copy_(Q.mT @ T)
-            del T
-            V = (Q @ W).clamp_min_(eps1)
+            Qk, Rk, _ = pivoted_qr(T, k)
+            Q.copy_(Qk)
+            W.copy_(Rk)  # R's first k rows in the original column order: W = Q^T T
+            del T, Qk, Rk
+            V = (Q @ W).clamp_min_(eps1)  # Q Q^T T can go negative
         return V.rsqrt_().mul_(g)
 
     # ---- update --------------------------------------------------------------------------------
@@ -318,5 +350,5 @@ class AdaLomo(FusedOptimizer):
         return peak + max(sets.values(), default=0)
 
 
-__all__ = ["AdaLomo", "nmf_refine", "adalomo_state_shapes", "adalomo_state_numel", "layer_groups",
+__all__ = ["AdaLomo", "nmf_refine", "pivoted_qr", "adalomo_state_shapes", "adalomo_state_numel", "layer_groups",
            "NORMALIZATIONS", "SECOND_MOMENTS"]

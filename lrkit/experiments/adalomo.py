@@ -1,0 +1,368 @@
+"""The AdaLomo paper's experiments at the kit's scale: constants with their sources, the claims of each
+notebook in ``notebooks/adalomo/``, and the experiment definitions the notebooks call.
+
+Paper: Lv, Yan, Guo, Lv, Qiu, "AdaLomo: Low-memory Optimization with Adaptive Learning Rate", Findings of
+ACL 2024, arXiv 2310.10195. LOMO (its predecessor): Lv et al., arXiv 2306.09782.
+
+* :func:`tuning` (``tuning.ipynb``): the learning-rate sweep every compared method gets, same grid size
+  and factor for all (equal budgets), in pre-training ("pretrain") and fine-tuning ("finetune").
+* :func:`main` (``adalomo.ipynb``): AdaLomo, AdamW and LOMO pre-training a LLaMA (the paper's further
+  pre-training) and fine-tuning MiniLM (its instruction tuning), and the bytes each method holds.
+* :func:`normalization` (``ablation_normalization.ipynb``): grouped vs none / global / layer-wise update
+  normalisation, at the tuned learning rate and a higher one, with an lm-eval benchmark of every model.
+* :func:`factorization` (``ablation_factorization.ipynb``): the rank-1 NMF second moment vs SVD, the
+  rank-revealing (column-pivoted) QR and the full second moment.
+
+Every run is recorded by ``run_all``/``tune`` as it finishes; the claims are evaluated by ``lrkit.claims``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lrkit import records
+from lrkit.claims import Claim
+from lrkit.experiments import finetune, pretrain, run_all, tune, tuned
+from lrkit.records import RunResult
+
+PAPER = "Lv et al. 2024, AdaLomo (Findings of ACL 2024, arXiv 2310.10195)"
+
+# ---------------------------------------------------------------------------------- paper constants
+# The authors' recipes (Sec. 4 setup, and the official OpenLMLab/LOMO configs): AdaLomo's relative lr.
+PAPER_LR = {"instruction_tuning": 5e-4, "further_pretraining": 1e-3}
+# AdaLomo's defaults (Sec. 3, Algorithm 1; official lomo_optim.AdaLomo): eps1, eps2, clip threshold d,
+# decay rate of beta2_t = 1 - t^c.
+PAPER_DEFAULTS = {"eps": (1e-30, 1e-3), "clip_threshold": 1.0, "decay_rate": -0.8}
+# The paper evaluates its instruction-tuned LLaMA on these (Sec. 4.1); AlpacaFarm is judged by GPT-4.
+PAPER_BENCHMARKS = ("mmlu", "bbh", "gsm8k", "humaneval", "alpacafarm")
+# LOMO paper (arXiv 2306.09782) Table 1: LLaMA-7B training memory in GB (= GiB), activations included.
+LOMO_PAPER_7B_GIB = {"adamw": 102.20, "sgd": 51.99, "lomo": 14.58}
+
+# ---------------------------------------------------------------------------------- the kit's arms
+# One name per method (the AdamW baseline is "AdamW" everywhere). LOMO gets its paper's recipe, global
+# gradient-norm clipping at 1 (two backward passes per step); AdaLomo runs unclipped, its grouped update
+# normalisation replacing clipping, as in the paper.
+METHODS = {"AdaLomo": dict(method="adalomo"), "AdamW": dict(method="full"),
+           "LOMO": dict(method="lomo", max_grad_norm=1.0)}
+# Centres of the sweeps (from the kit's earlier one-seed probes at the cpu size; the sweep itself decides).
+# AdaLomo's step is lr x RMS(theta): the paper's 1e-3 is meant for pretrained 7B weights and barely
+# moves a model trained from scratch, whose matrices start at RMS ~0.02.
+PRETRAIN_CENTERS = {"AdaLomo": 0.1, "AdamW": 3e-3, "LOMO": 1.0}
+FINETUNE_CENTERS = {"AdaLomo": 1e-2, "AdamW": 3e-4, "LOMO": 0.3}
+TUNING_METRICS = {"pretrain": ("val_loss", True), "finetune": ("macro_f1", False)}  # (metric, lower is better)
+
+# ---------------------------------------------------------------------------------- claims
+MAIN_CLAIMS = [
+    Claim("adalomo-on-par-with-adamw", "AdaLomo achieves results on par with AdamW (read as: final validation "
+          "loss no more than 5% above AdamW's).", "Abstract; Sec. 4 (further pre-training)", "val_loss",
+          ("AdaLomo", "AdamW"), quantity="ratio", op="<", bound=1.05),
+    Claim("adalomo-beats-lomo", "LOMO converges worse than AdaLomo: the adaptive learning rate closes the gap "
+          "to AdamW that SGD leaves.", "Abstract; Sec. 2 and 4", "val_loss", ("AdaLomo", "LOMO"),
+          quantity="difference", op="<", bound=0.0),
+    Claim("adalomo-memory-far-below-adamw", "AdaLomo significantly reduces memory against AdamW (read as: the "
+          "bytes held besides the weights, optimizer state plus the peak of gradients alive at once, at "
+          "most a fifth of AdamW's).", "Abstract; Sec. 4.4", "held_bytes", ("AdaLomo", "AdamW"),
+          quantity="ratio", op="<", bound=0.2),
+    Claim("adalomo-on-par-finetune", "AdaLomo fine-tunes on par with AdamW (read as: held-out macro-F1 no more "
+          "than 2 points below AdamW's).", "Abstract; Sec. 4.1 (instruction tuning)", "ft_macro_f1",
+          ("AdaLomo", "AdamW"), quantity="difference", op=">", bound=-0.02),
+]
+NORMALIZATION_CLAIMS = [
+    Claim("grouped-stabilises-high-lr", "Grouped update normalisation stabilises convergence (read as: at 3x "
+          "the tuned learning rate, a lower final validation loss than no normalisation).", "Abstract; Sec. 3.2",
+          "val_loss", ("grouped (high lr)", "none (high lr)"), quantity="difference", op="<", bound=0.0),
+    Claim("grouped-no-worse-than-none", "At the tuned learning rate grouped normalisation costs nothing (final "
+          "validation loss within 1% of no normalisation, or better).", "Sec. 3.2", "val_loss",
+          ("grouped", "none"), quantity="ratio", op="<", bound=1.01),
+    Claim("grouped-matches-global", "Normalising each tensor's update (grouped, fusable) is as good as one "
+          "global RMS over all updates (which needs every gradient first): within 2%.", "Sec. 3.2", "val_loss",
+          ("grouped", "global"), quantity="ratio", op="between", bound=1.02),
+    Claim("grouped-matches-layer", "Grouped normalisation is as good as a per-layer (per transformer block) "
+          "RMS: within 2%.", "Sec. 3.2", "val_loss", ("grouped", "layer"), quantity="ratio", op="between",
+          bound=1.02),
+    Claim("grouped-downstream-no-worse", "Grouped normalisation does not cost downstream accuracy (read as: "
+          "held-out cloze accuracy no more than 3 points below no normalisation; the kit's offline stand-in "
+          "for the paper's benchmarks).", "Sec. 4.1 benchmarks (stand-in)", "cloze_acc", ("grouped", "none"),
+          quantity="difference", op=">", bound=-0.03),
+]
+FACTORIZATION_CLAIMS = [
+    Claim("nmf-rank1-near-full", "Storing the second moment as a rank-1 non-negative factorisation loses little "
+          "against the full second moment (final validation loss within 1%).", "Sec. 3.1", "val_loss",
+          ("nmf:1", "full:1"), quantity="ratio", op="<", bound=1.01),
+    Claim("nmf-rank1-state-small", "The rank-1 NMF keeps n + m values per n x m matrix: under a tenth of the "
+          "full second moment's state.", "Sec. 3.1", "state_bytes", ("nmf:1", "full:1"), quantity="ratio",
+          op="<", bound=0.1),
+    Claim("nmf-no-worse-than-svd", "The non-negative rank-1 factorisation is no worse than a truncated SVD of "
+          "the same rank (within 1%).", "Sec. 3.1 (choice of NMF)", "val_loss", ("nmf:1", "svd:1"),
+          quantity="ratio", op="<", bound=1.01),
+    Claim("nmf-no-worse-than-pivoted-qr", "The non-negative rank-1 factorisation is no worse than a rank-revealing "
+          "(column-pivoted) QR of the same rank (within 1%).", "Sec. 3.1 (choice of NMF)", "val_loss",
+          ("nmf:1", "qr:1"), quantity="ratio", op="<", bound=1.01),
+]
+CLAIMS = {"adalomo": MAIN_CLAIMS, "ablation_normalization": NORMALIZATION_CLAIMS,
+          "ablation_factorization": FACTORIZATION_CLAIMS}
+
+
+# ---------------------------------------------------------------------------------- tuning
+def tuning(out, *, corpus, train, model_size: str, dataset=None, ft_train=None, points: int = 3,
+           factor: float = 3.0, methods=tuple(METHODS)) -> dict:
+    """The sweep of ``tuning.ipynb``: every method in ``methods`` on the same ``points``-point grid
+    ``factor`` apart around its centre, pre-training (group "pretrain", best final validation loss) and,
+    with ``dataset``, fine-tuning (group "finetune", best macro-F1). Returns {group: {arm: chosen}}."""
+    arms = {m: METHODS[m] for m in methods}
+    chosen = {"pretrain": tune(pretrain, arms, out, centers=PRETRAIN_CENTERS, metric="val_loss", points=points,
+                               factor=factor, group="pretrain", corpus=corpus, train=train, model_size=model_size)}
+    if dataset is not None:
+        chosen["finetune"] = tune(finetune, arms, out, centers=FINETUNE_CENTERS, metric="macro_f1", points=points,
+                                  factor=factor, lower_is_better=False, group="finetune", dataset=dataset,
+                                  train=ft_train)
+    return chosen
+
+
+def sweep_table(chosen: dict) -> pd.DataFrame:
+    """One row per (group, method, lr) of the sweep: the score and whether it was chosen."""
+    rows = []
+    for group, arms in chosen.items():
+        metric = TUNING_METRICS[group][0]
+        for arm, c in arms.items():
+            for lr, score in zip(c["grid"], c["scores"]):
+                rows.append({"group": group, "method": arm, "lr": lr, "metric": metric, "score": score,
+                             "chosen": lr == c["lr"], "at_edge": c["at_edge"], "budget": c["budget"]})
+    return pd.DataFrame(rows)
+
+
+def budget(profile: str, group: str) -> str:
+    """The tuning budget behind ``tuned("adalomo", profile, group)``, in words, for the notebooks to print
+    beside every comparison."""
+    for prof in [profile] + (["cpu"] if profile == "smoke" else []):
+        path = records.report_dir("adalomo/tuning", prof) / "metrics.json"
+        if path.exists():
+            arms = records.load(path)["summary"]["tuned"][group]
+            b = next(iter(arms.values()))["budget"]
+            edge = [a for a, v in arms.items() if v.get("at_edge")]
+            return (f"learning rates from tuning.ipynb ({prof} record, group {group!r}): {b}, the same for "
+                    f"{', '.join(arms)}" + (f"; best lr at the grid's edge for {', '.join(edge)}" if edge else ""))
+    raise FileNotFoundError(f"no tuning record for adalomo at profile {profile!r}: run tuning.ipynb first")
+
+
+# ---------------------------------------------------------------------------------- adalomo.ipynb
+def memory_run(name: str, *, seed: int, model_size: str, method: str, vocab_size: int, batch_size: int,
+               seq_len: int, steps: int = 2, **kw) -> RunResult:
+    """``lrkit.memory.measure_method_memory`` as a run record: bytes of optimizer state, the peak of
+    gradients alive at once and their sum ``held_bytes`` in ``final``."""
+    from lrkit.memory import measure_method_memory
+    from lrkit.utils import device_info
+
+    t0 = time.perf_counter()
+    m = measure_method_memory(model_size, method, vocab_size=vocab_size, batch_size=batch_size, seq_len=seq_len,
+                              steps=steps, seed=seed, **kw)
+    figures = {k: v for k, v in m.items() if k.endswith("_bytes")}
+    info = device_info(m["device"])
+    return RunResult(name=name, config={"model_size": model_size, "method": method, "steps": steps, **kw},
+                     seed=seed, device=info["device"], device_name=info["device_name"],
+                     final={"loss": m["loss"], **figures}, wall_time_s=time.perf_counter() - t0, memory=figures)
+
+
+def finetune_run(name: str, dataset, train, **kw) -> RunResult:
+    """``experiments.finetune``, with ``final["failed"]`` set when the held-out macro-F1 is no better than
+    always predicting the majority class (+ 0.02): such an arm learned nothing and is reported as failed."""
+    r = finetune(name, dataset, train, **kw)
+    r.final["failed"] = bool(r.final["macro_f1"] <= majority_macro_f1(dataset) + 0.02)
+    return r
+
+
+def majority_macro_f1(dataset) -> float:
+    """Macro-F1 of always predicting the test split's majority class: (2p / (1 + p)) / number of classes
+    for a majority share p (p / (1 + p) for two classes)."""
+    labels = np.asarray(dataset["test"]["label"])
+    p = np.bincount(labels).max() / len(labels)
+    return float(2 * p / (1 + p) / len(np.unique(labels)))
+
+
+def main(out, *, profile: str, corpus, train, model_size: str, seeds, dataset=None, ft_train=None, ft_seeds=(0,),
+         memory_steps: int = 2, methods=tuple(METHODS)):
+    """``adalomo.ipynb``: pre-training (every method on ``seeds``, lrs from the tuning record), fine-tuning
+    (on ``ft_seeds``, arms named "ft <method>") and measured memory on ``seeds`` ("mem <method>": the same
+    bytes on every seed, the claims rule needs them paired). Returns (pre, fine, mem) Runs."""
+    lrs, arms = tuned("adalomo", profile, "pretrain"), {m: METHODS[m] for m in methods}
+    pre = run_all(pretrain, {m: dict(kw, lr=lrs[m]) for m, kw in arms.items()}, out, seeds=seeds, corpus=corpus,
+                  train=train, model_size=model_size)
+    fine = None
+    if dataset is not None:
+        ft_lrs = tuned("adalomo", profile, "finetune")
+        fine = run_all(finetune_run, {f"ft {m}": dict(kw, lr=ft_lrs[m]) for m, kw in arms.items()}, out,
+                       seeds=ft_seeds, dataset=dataset, train=ft_train)
+    mem = run_all(memory_run, {f"mem {m}": kw for m, kw in arms.items()}, out, seeds=seeds, model_size=model_size,
+                  vocab_size=corpus.vocab_size, batch_size=train.batch_size, seq_len=train.seq_len,
+                  steps=memory_steps)
+    return pre, fine, mem
+
+
+def measure_main(pre, fine, mem):
+    """The reader ``claims.evaluate_all`` needs for the main notebook: metric -> {arm: {seed: value}};
+    "ft_<metric>" reads the fine-tunes (a failed fine-tune counts as no value), "held_bytes" and the other
+    byte counts the memory runs, anything else the pre-training runs."""
+    def strip(d, prefix):
+        return {a.removeprefix(prefix): v for a, v in d.items()}
+
+    def measure(metric):
+        if metric.startswith("ft_"):
+            return strip(fine.measure(lambda r: None if r.final.get("failed") else r.final.get(metric[3:])), "ft ")
+        if metric.endswith("_bytes"):
+            return strip(mem.measure(metric), "mem ")
+        return pre.measure(metric)
+    return measure
+
+
+def tokens_per_s(r: RunResult) -> float:
+    """Training throughput of a run (evaluation included, the same for every arm), tokens per second."""
+    return r.final["tokens"] / r.wall_time_s
+
+
+def count(runs, arm: str, flag: str) -> int:
+    """How many of an arm's runs carry ``final[flag]`` (e.g. "unstable", "failed")."""
+    return sum(bool(r.final.get(flag)) for r in runs.arm(arm))
+
+
+def main_tables(pre, fine, mem) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """(pre-training table, fine-tuning table): per method the mean and 95 % t interval over seeds of the
+    final validation loss (macro-F1 and accuracy), throughput, the bytes held and their ratio to AdamW's,
+    and counts of unstable / failed runs."""
+    t = pre.summary(["val_loss", "val_ppl", tokens_per_s])
+    t.insert(1, "lr", [pre.arm(a)[0].config["lr"] for a in t.arm])
+    t["unstable"] = [count(pre, a, "unstable") for a in t.arm]
+    held = {a.removeprefix("mem "): mem.arm(a)[0].final for a in mem.arms}
+    t["state_bytes"] = [held[a]["optimizer_state_bytes"] for a in t.arm]
+    t["held_bytes"] = [held[a]["held_bytes"] for a in t.arm]
+    t["held vs AdamW"] = t["held_bytes"] / held["AdamW"]["held_bytes"]
+    if fine is None:
+        return t, None
+    f = fine.summary(["macro_f1", "accuracy"])
+    f.insert(1, "lr", [fine.arm(a)[0].config["lr"] for a in f.arm])
+    f["failed"] = [count(fine, a, "failed") for a in f.arm]
+    return t, f
+
+
+def analytic_memory(sizes=("7b", "13b", "30b", "65b")) -> pd.DataFrame:
+    """Analytic training memory (GiB, activations excluded) of LLaMA ``sizes`` per recipe
+    (``lrkit.memory.recipe_memory_bytes``), beside the LOMO paper's measured 7B figures."""
+    from lrkit.memory import GIB, RECIPES, recipe_memory_bytes
+
+    rows = []
+    for size in sizes:
+        for recipe in RECIPES:
+            b = recipe_memory_bytes(size, recipe)
+            rows.append({"model": size, "recipe": recipe, "params_B": b["parameters"] / 1e9,
+                         "state_GiB": b["state_bytes"] / GIB, "total_GiB": b["total_bytes"] / GIB,
+                         "paper_GiB": LOMO_PAPER_7B_GIB.get(recipe) if size == "7b" else None})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------- normalization
+def adalomo_pretrain(name: str, corpus, train, *, model_size: str, lr: float, seed: int,
+                     normalization: str = "grouped", eval_tasks=(), include_path=None,
+                     allow_code_execution: bool = False, **optim_kw) -> RunResult:
+    """Pre-train a fresh LLaMA with AdaLomo (as ``experiments.pretrain`` with method "adalomo"), building one
+    param group per transformer block for ``normalization="layer"`` (``layer_groups``), then evaluate the
+    trained model on lm-eval ``eval_tasks`` (scores in ``final`` as "<task>_<metric>")."""
+    from lrkit.models import build_llama, count_parameters
+    from lrkit.optim.adalomo import AdaLomo, layer_groups
+    from lrkit.train import train_lm
+    from lrkit.utils import seed_everything
+
+    train = replace(train, lr=lr, seed=seed)
+    seed_everything(seed)
+    model = build_llama(model_size, corpus.vocab_size, train.seq_len, seed=seed)
+    params = layer_groups(model) if normalization == "layer" else [p for p in model.parameters() if p.requires_grad]
+    opt = AdaLomo(params, lr=lr, normalization=normalization, **optim_kw)
+    r = train_lm(name, model, opt, corpus, train, callbacks=(), extra_config={
+        "method": "adalomo", "lr": lr, "normalization": normalization, "model_size": model_size,
+        "parameters": count_parameters(model), **optim_kw})
+    opt.remove_hooks()
+    r.final["state_bytes"] = r.memory["optimizer_state_bytes"]
+    if eval_tasks and not r.final.get("diverged"):
+        from lrkit.evaluation import run_lm_eval
+
+        scores = run_lm_eval(model, corpus.tokenizer, list(eval_tasks), include_path=include_path,
+                             device=r.device, max_length=train.seq_len, allow_code_execution=allow_code_execution)
+        r.final |= {f"{task}_{k}": v for task, ms in scores.items() for k, v in ms.items() if k != "sample_len"}
+    return r
+
+
+def cloze_task(folder, corpus, n: int, seed: int = 0) -> Path:
+    """Write the offline benchmark, "cloze" (held-out Shakespeare: pick the true 8-token continuation of a
+    32-token context among 4), as an lm-eval task file; returns the include path."""
+    from lrkit.evaluation import cloze_docs, write_task
+
+    return write_task(folder, "cloze", cloze_docs(corpus.val, corpus.tokenizer, n=n, seed=seed))
+
+
+def normalization(out, *, profile: str, corpus, train, model_size: str, seeds, normalizations, high_lr_factor: float,
+                  high_normalizations=("grouped", "none"), cloze_docs: int = 100, benchmark_tasks=(),
+                  allow_code_execution: bool = False):
+    """``ablation_normalization.ipynb``: AdaLomo with each normalisation at the tuned lr, and those in
+    ``high_normalizations`` at ``high_lr_factor`` times it (arms "<norm> (high lr)"). Every trained model
+    is evaluated through lm-eval on the offline cloze task and ``benchmark_tasks`` (online lm-eval tasks,
+    the paper profile; HumanEval also needs ``allow_code_execution``). Returns (runs, lr)."""
+    lr = tuned("adalomo", profile, "pretrain")["AdaLomo"]
+    tasks = (["cloze"] if cloze_docs else []) + list(benchmark_tasks)
+    include = cloze_task(Path(out) / "lm_eval_tasks", corpus, cloze_docs) if cloze_docs else None
+    arms = {n: dict(normalization=n, lr=lr) for n in normalizations}
+    arms |= {f"{n} (high lr)": dict(normalization=n, lr=lr * high_lr_factor) for n in high_normalizations}
+    runs = run_all(adalomo_pretrain, arms, out, seeds=seeds, corpus=corpus, train=train, model_size=model_size,
+                   eval_tasks=tasks, include_path=include, allow_code_execution=allow_code_execution)
+    return runs, lr
+
+
+def spikes(window: int = 10, threshold: float = 0.1):
+    """Reader: loss spikes of a run (``lrkit.analysis.loss_spikes``)."""
+    from lrkit.analysis import loss_spikes
+
+    def read(r):
+        return float(loss_spikes(r, window, threshold))
+    read.__name__ = "spikes"
+    return read
+
+
+def ablation_table(runs, metrics=("val_loss", "val_ppl", tokens_per_s)) -> pd.DataFrame:
+    """``runs.summary(metrics)`` plus each arm's lr and its count of unstable runs (``final["unstable"]``,
+    where the training loop reports it: ended far above its best point)."""
+    t = runs.summary(metrics)
+    t.insert(1, "lr", [runs.arm(a)[0].config["lr"] for a in t.arm])
+    t["unstable"] = [count(runs, a, "unstable") for a in t.arm]
+    return t
+
+
+# ---------------------------------------------------------------------------------- factorization
+def variant_knobs(variant: str, nmf_iters: int = 3) -> dict:
+    """"<second_moment>:<factor_rank>" -> AdaLomo's knobs, e.g. "qr:1" -> second_moment="qr", factor_rank=1."""
+    kind, _, rank = variant.partition(":")
+    return dict(second_moment=kind, factor_rank=int(rank or 1), nmf_iters=nmf_iters)
+
+
+def factorization(out, *, profile: str, corpus, train, model_size: str, seeds, variants, memory_variants=(),
+                  nmf_iters: int = 3):
+    """``ablation_factorization.ipynb``: AdaLomo (tuned lr) with each second-moment ``variants`` trained on
+    ``seeds``; then the persistent state and modelled transient peak of every variant (and of
+    ``memory_variants``, not trained) from one measured step. Returns (runs, memory table)."""
+    from lrkit.memory import measure_method_memory
+
+    lr = tuned("adalomo", profile, "pretrain")["AdaLomo"]
+    runs = run_all(adalomo_pretrain, {v: dict(lr=lr, **variant_knobs(v, nmf_iters)) for v in variants}, out,
+                   seeds=seeds, corpus=corpus, train=train, model_size=model_size)
+    rows = []
+    for v in dict.fromkeys(list(variants) + list(memory_variants)):
+        m = measure_method_memory(model_size, "adalomo", vocab_size=corpus.vocab_size, batch_size=train.batch_size,
+                                  seq_len=train.seq_len, steps=1, seed=seeds[0], **variant_knobs(v, nmf_iters))
+        rows.append({"variant": v, "trained": v in variants, "state_bytes": m["optimizer_state_bytes"],
+                     "persistent_bytes": m["persistent_state_bytes"],
+                     "transient_peak_bytes": m["transient_peak_bytes"]})
+    mem = pd.DataFrame(rows)
+    mem["state vs nmf:1"] = mem["state_bytes"] / mem.set_index("variant").loc["nmf:1", "state_bytes"] \
+        if "nmf:1" in set(mem.variant) else math.nan
+    return runs, mem
