@@ -355,3 +355,99 @@ def test_simulator_on_cuda_matches_cpu():
     for k in cpu["state"]:
         torch.testing.assert_close(gpu["state"][k].cpu(), cpu["state"][k], rtol=1e-3, atol=1e-4)
     assert [h["bytes_up"] for h in gpu["history"]] == [h["bytes_up"] for h in cpu["history"]]
+
+
+# ---------------------------------------------------------------------------------------- issue 9: the fixed-rank arm,
+# the low-rank least-squares optimum, divergence recorded
+
+def test_fixed_rank_arm_keeps_its_rank_and_moves_its_basis():
+    """r_min = r_max = initial_rank with dynamic_rank=True: augment, train, truncate back to the same rank
+    every round (the fair 'no dynamic rank' arm); dynamic_rank=False keeps the initial basis bit for bit."""
+    from lrkit.fed.simulate import build_model
+
+    clients = _classification_clients()
+    kw = dict(lr=0.3, local_steps=3, initial_rank=2, exclude=["2"], seed=1, tau=0.0)
+    U0 = build_model(_mlp, 1, 2, None, None, ["2"]).get_submodule("0").U.double()
+    fixed = run_fedlrt(_mlp, clients, 4, r_min=2, r_max=2, **kw)
+    frozen = run_fedlrt(_mlp, clients, 4, dynamic_rank=False, **kw)
+    free = run_fedlrt(_mlp, clients, 4, r_max=6, **kw)
+    assert [h["ranks"]["0"] for h in fixed["history"]] == [2] * 5
+    U = fixed["state"]["0.U"].double()
+    torch.testing.assert_close(U.T @ U, torch.eye(2, dtype=torch.float64), atol=1e-6, rtol=0)
+    moved = torch.linalg.norm(U - U0 @ (U0.T @ U))  # the part of the new basis outside the initial span
+    assert moved > 0.1
+    assert torch.equal(frozen["state"]["0.U"], U0.float()) and [h["ranks"]["0"] for h in frozen["history"]] == [2] * 5
+    assert max(h["ranks"]["0"] for h in free["history"]) > 2  # tau = 0: the free rank grows
+    # the fixed-rank arm exchanges what the dynamic arm exchanges at rank 2 (augmentation included)
+    assert fixed["history"][1]["floats_up"] == free["history"][1]["floats_up"]
+
+
+def test_rank_constrained_minimiser_matches_whitened_eckart_young():
+    """Reduced-rank regression against an independent route: with M = (X^T X)^(1/2) the loss is
+    ||M (B - W_ls^T)||_F^2 + const, whose rank-r minimiser is M^-1 [M W_ls^T]_r (truncated SVD)."""
+    from lrkit.fed.problems import rank_constrained_minimiser
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(40, 6, generator=g, dtype=torch.float64) * torch.linspace(0.3, 3.0, 6, dtype=torch.float64)
+    Y = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    W_ls = torch.linalg.lstsq(X, Y).solution.T
+    evals, evecs = torch.linalg.eigh(X.T @ X)
+    M, M_inv = evecs @ torch.diag(evals.sqrt()) @ evecs.T, evecs @ torch.diag(evals.rsqrt()) @ evecs.T
+    for r in (1, 2, 4):
+        P, s, Qh = torch.linalg.svd(M @ W_ls.T, full_matrices=False)
+        ref = (M_inv @ P[:, :r] @ torch.diag(s[:r]) @ Qh[:r]).T
+        W_r = rank_constrained_minimiser(X, W_ls, r)
+        torch.testing.assert_close(W_r, ref, atol=1e-10, rtol=1e-10)
+        assert torch.linalg.matrix_rank(W_r) == r
+        loss = lambda W: float(((X @ W.T - Y) ** 2).sum())
+        P2, s2, Qh2 = torch.linalg.svd(W_ls, full_matrices=False)  # the naive rank-r truncation is worse
+        assert loss(W_r) < loss(P2[:, :r] @ torch.diag(s2[:r]) @ Qh2[:r]) - 1e-9
+
+
+def test_least_squares_low_rank_noise_makes_the_optimum_low_rank():
+    iso, low = least_squares(**LS), least_squares(**LS, low_rank_noise=True)
+    s_iso, s_low = torch.linalg.svdvals(iso["W_ls"].double()), torch.linalg.svdvals(low["W_ls"].double())
+    assert s_iso[-1] / s_iso[0] > 1e-2  # isotropic noise: the optimum is full rank (8 of 8)
+    assert s_low[2] / s_low[0] < 1e-5  # noise in the target's space: rank 2 (float32 rounding)
+    assert low["loss_r"] == pytest.approx(low["loss_ls"], rel=1e-9) and iso["loss_r"] > iso["loss_ls"] * 1.01
+    torch.testing.assert_close(low["W_r"], low["W_ls"], atol=1e-5, rtol=0)
+    # the same inputs either way (only the targets' noise differs), and the data stay seeded
+    assert torch.equal(iso["clients"][0][0], low["clients"][0][0])
+    assert torch.equal(least_squares(**LS, low_rank_noise=True)["clients"][1][1], low["clients"][1][1])
+
+
+def test_low_rank_least_squares_full_correction_finds_the_optimum_and_its_rank():
+    """The design fix of issue 9: the optimum has rank 2 of 8, FeDLRT starts at rank 1 with r_max = n;
+    with full correction it reaches the optimum at rank 2, without correction it stalls above it."""
+    P = least_squares(**LS, low_rank_noise=True)
+    kw = dict(rounds=30, lr=LS_LR, local_steps=LS_STEPS, initial_rank=1, tau=1e-3)
+    out = {vc: run_fedlrt(lambda: nn.Linear(8, 8, bias=False), P["clients"], **kw, variance_correction=vc)["history"]
+           for vc in ("none", "full")}
+    excess = {vc: (h[-1]["loss"] - P["loss_ls"]) / P["loss_ls"] for vc, h in out.items()}
+    assert out["full"][-1]["ranks"] == {"": 2} and excess["full"] < 1e-4
+    assert excess["none"] > 1e-3 and max(h["ranks"][""] for h in out["full"]) >= 2
+
+
+def test_divergence_is_recorded_not_raised():
+    """A blow-up is a result: the run stops at the round it happens, its last record carries non-finite metrics and
+    to_run_result marks it diverged; a sound run is not marked."""
+    P = least_squares(**LS)
+    lin = lambda: nn.Linear(8, 8, bias=False)
+    lrt = run_fedlrt(lin, P["clients"], 20, lr=5.0, local_steps=10, initial_rank=2, variance_correction="full")
+    avg = run_fedavg(lin, P["clients"], 20, lr=5.0, local_steps=10)
+    ok = run_fedavg(lin, P["clients"], 3, lr=0.01, local_steps=2)
+    for res in (lrt, avg):
+        h = res["history"]
+        assert res["diverged_at"] == h[-1]["round"] < 20 and not np.isfinite(h[-1]["loss"])
+        rr = to_run_result("x", res, {"seed": 0})
+        assert rr.final["diverged"] and not np.isfinite(rr.final["loss"]) and rr.final["bytes_per_client_round"] > 0
+    # non-finite coefficients (truncate raises fedlrt.Diverged): stopped in round 1, nothing counted for it
+    nan = run_fedlrt(lin, P["clients"], 5, lr=1e30, local_steps=5, initial_rank=2, variance_correction="full")
+    assert nan["diverged_at"] == 1 and np.isnan(nan["history"][-1]["loss"]) and nan["history"][-1]["bytes_up"] == {}
+    assert to_run_result("x", nan, {"seed": 0}).final["diverged"]
+    with pytest.raises(fedlrt.Diverged):
+        truncate(torch.eye(2), torch.full((2, 2), float("nan")), torch.eye(2), 0.1)
+    assert ok["diverged_at"] is None and not to_run_result("x", ok, {"seed": 0}).final["diverged"]
+    # ended above the untrained loss without blowing up: also diverged
+    worse = {"history": [dict(ok["history"][0]), dict(ok["history"][-1], loss=ok["history"][0]["loss"] + 1)]}
+    assert to_run_result("x", worse, {"seed": 0}).final["diverged"]

@@ -74,11 +74,12 @@ def test_fedlrt_notebook_resnet18_path_runs(tmp_path):
     papermill.execute_notebook(
         str(ROOT / "notebooks" / "fedlrt" / "fedlrt.ipynb"), str(out), kernel_name="python3", progress_bar=False,
         parameters=dict(model="resnet18", resnet_width=4, train_size=120, test_size=40, rounds=2, num_clients=3,
-                        local_steps=2, batch_size=8, chunk_size=25, ls_clients=[2], ls_rounds=3, initial_rank=2,
+                        local_steps=2, batch_size=8, chunk_size=25, ls_clients=2, ls_rounds=3, tail_rounds=2,
+                        lr_fedavg=0.05, lr_fedlin=0.05, lr_fedlrt=0.05, initial_rank=2,
                         report_dir=str(tmp_path / "report")))
     from lrkit import records
 
     runs = records.load(tmp_path / "report")["runs"]
-    lrt = runs["FeDLRT full"]
+    lrt = runs["FeDLRT | seed 0"]
     assert lrt["config"]["model"] == "resnet18" and len(lrt["final"]["ranks"]) == 19
-    assert runs["FedAvg"]["final"]["bytes_per_client_round"] > lrt["final"]["bytes_per_client_round"]
+    assert runs["FedAvg | seed 0"]["final"]["bytes_per_client_round"] > lrt["final"]["bytes_per_client_round"]

@@ -34,10 +34,17 @@ from torch.func import functional_call
 from lrkit.fed.layers import low_rank_layers
 
 VARIANCE_CORRECTIONS = ("none", "simplified", "full")
+
+
+class Diverged(ValueError):
+    """Training produced non-finite coefficients (lr or local_steps too large): the simulator records the
+    run as diverged instead of failing."""
+
+
 OPTIMIZERS = ("sgd", "adam")
 
 __all__ = [
-    "VARIANCE_CORRECTIONS", "OPTIMIZERS", "key", "validate_knobs", "augment", "truncate", "aggregate",
+    "VARIANCE_CORRECTIONS", "OPTIMIZERS", "Diverged", "key", "validate_knobs", "augment", "truncate", "aggregate",
     "augmented_coefficients", "correction_term", "coefficient_steps", "gradients", "global_state",
     "load_state", "dense_names", "client_basis_gradients", "client_coefficient_gradients",
     "client_coefficient_steps", "server_augment", "server_truncate", "STAGES", "server_round", "client_step",
@@ -114,7 +121,7 @@ def truncate(U_tilde, S_tilde, V_tilde, tau: float, r_min: int = 1, r_max: int |
     r_max binds. (The author's RobustDLRT code uses a strict '<'; '<=' is METHODS.md's wording.)
     """
     if not torch.isfinite(S_tilde).all():
-        raise ValueError("Invalid S_tilde: non-finite entries (training diverged; lower lr or local_steps)")
+        raise Diverged("Invalid S_tilde: non-finite entries (training diverged; lower lr or local_steps)")
     P, sigma, Qh = torch.linalg.svd(S_tilde, full_matrices=False)
     # tail[j] = ||sigma[j:]||_2 for j = 0..len(sigma); tail[len] = 0 so r1 = len(sigma) always qualifies.
     tail = torch.cat([sigma.flip(0).square().cumsum(0).flip(0).sqrt(), sigma.new_zeros(1)])

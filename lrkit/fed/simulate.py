@@ -10,6 +10,10 @@ formula. Client FLOPs are analytic (see `forward_flops`); client wall
 time is measured around each client computation. A FedAvg/FedLin round is a FeDLRT round with
 dynamic_rank=False on a dense model: the client "coefficients" are then the full weights.
 
+A run whose coefficients or global loss become non-finite stops there: its last record has NaN metrics
+and `to_run_result` marks it diverged (as it does a run that ends with a higher training loss than its
+untrained start), so sweeps over learning rates record a blow-up as a result instead of failing.
+
 Record format (one dict per round; round 0 is the initial model, nothing exchanged):
   round, loss, accuracy (None for regression), test_loss / test_accuracy (if eval_data), ranks {layer: r},
   clients [ids], and per participating client {id: value}: floats_down, floats_up, bytes_down, bytes_up,
@@ -17,6 +21,7 @@ Record format (one dict per round; round 0 is the initial model, nothing exchang
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 
@@ -245,12 +250,30 @@ def _simulate(model, clients_data, rounds, knobs, *, loss_fn, seed, client_fract
             rec["test_loss"], rec["test_accuracy"] = evaluate(model, state, eval_data, loss_fn, chunk)
         return rec | (costs or {k: {} for k in COSTS})
 
-    history = [record(0, [], None)]
+    history, diverged_at = [record(0, [], None)], None
     for t in range(1, rounds + 1):
         participants = sample_participants(n_clients, client_fraction, pick)
-        state, costs = _round(sim, state, participants, t)
+        try:
+            state, costs = _round(sim, state, participants, t)
+        except (fedlrt.Diverged, torch.linalg.LinAlgError):  # non-finite coefficients, or an SVD that failed on them
+            history.append(_diverged_record(t, participants, history[-1]["ranks"], eval_data is not None))
+            diverged_at = t
+            break
         history.append(record(t, participants, costs))
-    return {"history": history, "state": state, "model": fedlrt.load_state(model, state), "device": str(device)}
+        if not math.isfinite(history[-1]["loss"]):
+            diverged_at = t
+            break
+    return {"history": history, "state": state, "model": fedlrt.load_state(model, state), "device": str(device),
+            "diverged_at": diverged_at}
+
+
+def _diverged_record(t, participants, ranks, with_test) -> dict:
+    """The record of the round in which training blew up: NaN metrics, nothing counted."""
+    nan = float("nan")
+    rec = {"round": t, "loss": nan, "accuracy": nan, "ranks": dict(ranks), "clients": participants}
+    if with_test:
+        rec["test_loss"], rec["test_accuracy"] = nan, nan
+    return rec | {k: {} for k in COSTS}
 
 
 def build_model(model_fn, seed: int, initial_rank=None, r_min=None, r_max=None, exclude=(), dense: bool = False):
@@ -340,7 +363,9 @@ def to_run_result(name: str, result: dict, config: dict, wall_time_s: float = 0.
 
     history: per round the scalar metrics, ranks, and the per-client costs summed over the participating
     clients (floats_*, bytes_*, flops, wall_time) plus bytes_per_client (down + up, mean over them).
-    final: the last round's metrics, and the mean bytes_per_client and flops_per_client over rounds >= 1."""
+    final: the last round's metrics, the mean bytes_per_client and flops_per_client over rounds >= 1 (the
+    rounds that completed), and ``diverged``: the training loss became non-finite (the run stopped) or
+    ended above the untrained model's (round 0)."""
     from lrkit.records import RunResult
     from lrkit.utils import device_info
 
@@ -355,8 +380,10 @@ def to_run_result(name: str, result: dict, config: dict, wall_time_s: float = 0.
         row["bytes_per_client"] = (row["bytes_down"] + row["bytes_up"]) / n
         row["flops_per_client"] = row["flops"] / n
         history.append(row)
-    rounds = history[1:] or history
+    rounds = [h for h in history[1:] if math.isfinite(h["loss"])] or history[:1]
     final = {k: v for k, v in history[-1].items() if k not in ("round", "clients")}
+    loss, start = history[-1]["loss"], history[0]["loss"]
+    final["diverged"] = bool(result.get("diverged_at") is not None or not math.isfinite(loss) or loss > start)
     final |= {"rounds": history[-1]["round"],
               "bytes_per_client_round": float(np.mean([h["bytes_per_client"] for h in rounds])),
               "flops_per_client_round": float(np.mean([h["flops_per_client"] for h in rounds]))}
