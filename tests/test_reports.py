@@ -76,7 +76,7 @@ def test_profiles_layer_cpu_then_gpu_then_paper():
     nb = reports.NOTEBOOKS_DIR / "fedlrt" / "fedlrt.ipynb"
     cpu, gpu, paper = (reports.notebook_parameters(nb, p) for p in ("cpu", "gpu", "paper"))
     assert reports.notebook_parameters(nb, "smoke") == {}  # the notebook's own defaults
-    assert gpu["ls_clients"] == cpu["ls_clients"] and gpu["model"] == "resnet18" and "model" not in cpu
+    assert gpu["ls_rounds"] == cpu["ls_rounds"] and gpu["model"] == "resnet18" and "model" not in cpu
     assert paper["dataset"] == "cifar10" and paper["model"] == "resnet18"
     abl = reports.NOTEBOOKS_DIR / "fedlrt" / "ablation_dynamic_rank.ipynb"  # no gpu YAML: runs at cpu size
     assert reports.notebook_parameters(abl, "gpu") == reports.notebook_parameters(abl, "cpu") != {}
