@@ -64,7 +64,7 @@ def bars(df: pd.DataFrame, x: str, y: str, ax=None, title: str | None = None, hu
         _, ax = plt.subplots(figsize=(7, 4))
     sns.barplot(data=df, x=x, y=y, hue=hue or x, ax=ax, legend=bool(hue))
     if lo and hi and not hue:
-        centres = [p.get_x() + p.get_width() / 2 for p in ax.patches][:len(df)]
+        centres = np.arange(len(df))  # categorical positions; a bar of NaN height (a failed arm) draws no patch
         err = np.array([(df[y] - df[lo]).to_numpy(), (df[hi] - df[y]).to_numpy()])
         ax.errorbar(centres, df[y], yerr=np.nan_to_num(err), fmt="none", ecolor="black", capsize=4)
     for c in ax.containers:
