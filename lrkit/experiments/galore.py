@@ -83,14 +83,7 @@ def pretrain_arms(lrs: dict, *, rank: int, scale: float, update_proj_gap: int, a
                   control: bool = False) -> dict:
     """{arm: kwargs} for :func:`pretrain_run`: ``arms`` at their learning rates ``lrs`` (a tuning result
     or {arm: lr}), all low-rank methods at ``rank``; ``control`` adds :data:`CONTROL`."""
-    out = {}
-    for arm in arms:
-        kw = dict(method=PRETRAIN_METHODS[arm], lr=lrs[arm])
-        if arm != "full-rank":
-            kw["rank"] = rank
-        if arm == "galore":
-            kw |= dict(scale=scale, update_proj_gap=update_proj_gap)
-        out[arm] = kw
+    out = _arms(PRETRAIN_METHODS, "full-rank", lrs, rank, scale, update_proj_gap, arms)
     if control:
         out[CONTROL] = dict(method="equal_lr_control", lr=lrs["galore"], scale=scale)
     return out
@@ -140,10 +133,16 @@ def lm_setup(*, vocab_size: int, steps: int, batch_size: int, seq_len: int, eval
 def ft_arms(lrs: dict, *, rank: int, scale: float, update_proj_gap: int, arms=tuple(FT_METHODS),
             prefix: str = "") -> dict:
     """{arm: kwargs} for :func:`lrkit.experiments.finetune`; arm names ``prefix + arm``."""
+    return _arms(FT_METHODS, "full", lrs, rank, scale, update_proj_gap, arms, prefix)
+
+
+def _arms(methods: dict, full: str, lrs, rank, scale, update_proj_gap, arms, prefix: str = "") -> dict:
+    """{prefix + arm: kwargs}: each arm's method and lr, a rank for all but the full-rank arm ``full``, and
+    GaLore's scale and update gap for "galore"."""
     out = {}
     for arm in arms:
-        kw = dict(method=FT_METHODS[arm], lr=lrs[arm])
-        if arm != "full":
+        kw = dict(method=methods[arm], lr=lrs[arm])
+        if arm != full:
             kw["rank"] = rank
         if arm == "galore":
             kw |= dict(scale=scale, update_proj_gap=update_proj_gap)
