@@ -77,14 +77,14 @@ def cosine_schedule(optimizer, steps: int, warmup_frac: float, min_lr_ratio: flo
 
 def random_windows(ids: np.ndarray, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
     starts = torch.randint(0, len(ids) - seq_len - 1, (batch_size,), generator=generator)
-    return torch.stack([torch.from_numpy(ids[s: s + seq_len + 1]) for s in starts.tolist()])
+    return torch.stack([torch.from_numpy(ids[s: s + seq_len + 1].astype(np.int64)) for s in starts.tolist()])
 
 
 def eval_windows(ids: np.ndarray, n: int, seq_len: int) -> torch.Tensor:
     """``n`` evenly spaced, non-overlapping windows covering the whole validation stream."""
     n = min(n, (len(ids) - 1) // (seq_len + 1))
     starts = np.linspace(0, len(ids) - seq_len - 1, n).astype(np.int64)
-    return torch.stack([torch.from_numpy(ids[s: s + seq_len + 1]) for s in starts])
+    return torch.stack([torch.from_numpy(ids[s: s + seq_len + 1].astype(np.int64)) for s in starts])
 
 
 def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 from lrkit import data
 from lrkit.data import ChecksumError, DataUnavailableError
 from lrkit.data._fetch import verify
-from lrkit.data.text import load_c4, read_c4_shard
+from lrkit.data.text import _byte_bpe, load_c4_corpus, read_c4_shard
 from lrkit.data.vision import FASHION_DEBIAN_DIR, load_cifar10, read_idx
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -86,20 +86,60 @@ def test_minilm_loads_offline_by_path():
     assert AutoTokenizer.from_pretrained(path)("hello world")["input_ids"][0] == 101  # [CLS]
 
 
-def test_c4_loader_on_a_fixture_shard():
-    shard = FIXTURES / "c4-validation.00000-of-00008.json.gz"
-    assert set(read_c4_shard(shard)[0]) == {"text", "timestamp", "url"}
-    blocks = list(load_c4("validation", data_files=[shard], tokenizer=lambda s: [len(w) for w in s.split()],
-                          seq_len=8, limit=5))
-    assert len(blocks) == 5 and all(b.shape == (8,) for b in blocks)
-    assert blocks[0][:2].tolist() == [8, 2]  # "Document 0." -> word lengths
+def _fixture_tokenizer(tmp_path):
+    texts = [r["text"] for r in read_c4_shard(C4_SHARD)]
+    return _byte_bpe(tmp_path / "tok.json", "\n\n".join(texts), 300)
 
 
-def test_c4_offline_says_what_to_do(monkeypatch):
+C4_SHARD = FIXTURES / "c4-validation.00000-of-00008.json.gz"
+
+
+def test_c4_corpus_on_a_fixture_shard_is_tokenized_once(tmp_path, monkeypatch):
+    assert set(read_c4_shard(C4_SHARD)[0]) == {"text", "timestamp", "url"}
+    tok = _fixture_tokenizer(tmp_path)
+    c = load_c4_corpus(tmp_path, data_files=[C4_SHARD], tokenizer=tok, train_tokens=10**6, val_tokens=10**6)
+    texts = [r["text"] for r in read_c4_shard(C4_SHARD)]
+    # every 8th document held out: document 0 is validation, 1-5 train (no end-of-sequence id in a BPE)
+    assert c.val.tolist() == tok.encode(texts[0]).ids
+    assert c.train.tolist() == sum((tok.encode(t).ids for t in texts[1:]), [])
+    assert c.vocab_size == tok.get_vocab_size() and c.name == "c4"
+    # the cache is used: a second load does not read the shard again
+    monkeypatch.setattr("lrkit.data.text.read_c4_shard", lambda p: pytest.fail("streamed C4 again"))
+    again = load_c4_corpus(tmp_path, data_files=[C4_SHARD], tokenizer=tok, train_tokens=10**6, val_tokens=10**6)
+    assert np.array_equal(again.train, c.train)
+    # a token budget caps the cache, which then has its own key
+    monkeypatch.undo()
+    small = load_c4_corpus(tmp_path, data_files=[C4_SHARD], tokenizer=tok, train_tokens=7, val_tokens=5)
+    assert len(small.train) == 7 and len(small.val) == 5 and small.train.tolist() == c.train[:7].tolist()
+    assert not list((tmp_path / "c4").rglob(".*"))  # no temporary file left behind
+
+
+def test_c4_corpus_trains_a_model(tmp_path):
+    from lrkit.experiments import pretrain
+    from lrkit.train import LMTrainConfig
+
+    _fixture_tokenizer(tmp_path)
+    c = load_c4_corpus(tmp_path, data_files=[str(C4_SHARD)], tokenizer=str(tmp_path / "tok.json"))  # as in a YAML
+    r = pretrain("c4", c, LMTrainConfig(steps=2, batch_size=2, seq_len=8, eval_every=2, eval_windows=2),
+                 method="full", model_size="nano", lr=1e-3)
+    assert r.final["steps"] == 2 and np.isfinite(r.final["val_loss"])
+
+
+def test_c4_corpus_bad_input(tmp_path):
+    tok = _fixture_tokenizer(tmp_path)
+    with pytest.raises(ValueError, match="Invalid vocab_size: 10 .*expected at least"):
+        load_c4_corpus(tmp_path, data_files=[C4_SHARD], tokenizer=tok, vocab_size=10)
+    with pytest.raises(ValueError, match="Invalid data_files"):
+        load_c4_corpus(tmp_path, data_files="c4.json.gz", tokenizer=tok)
+    with pytest.raises(ValueError, match="Invalid train_tokens: 0"):
+        load_c4_corpus(tmp_path, data_files=[C4_SHARD], tokenizer=tok, train_tokens=0)
+
+
+def test_c4_offline_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataUnavailableError, match="needs internet.*'cpu' or 'smoke' profile"):
-        next(load_c4("validation"))
+        load_c4_corpus(tmp_path)
 
 
 def test_cifar10_loader_on_a_fixture_archive(tmp_path):

