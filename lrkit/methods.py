@@ -43,12 +43,14 @@ def prepare(method: str, model: nn.Module, *, lr: float, rank: int | None = None
             switch_subspace: bool = True, moments_on_switch: str = "keep", per_layer: bool = False,
             max_grad_norm: float | None = None, lora_alpha: float | None = None,
             relora_every: int | None = None, lora_trainable: tuple[str, ...] | None = None, seed: int = 0,
-            **optim_kw) -> Prepared:
+            accumulation_steps: int = 1, **optim_kw) -> Prepared:
     """Set ``model`` up for ``method`` and build its optimizer (AdamW: galore-torch's HF-style one).
 
     ``rank`` is required for the low-rank methods (galore, lora, low_rank, relora). ``per_layer``
     (GaLore only) updates inside backward; then ``max_grad_norm`` is applied by the optimizer (global
-    norm), not by the loop, as for the fused optimizers (adalomo, lomo). ``optim_kw`` go to the
+    norm), not by the loop, as for the fused optimizers (adalomo, lomo). ``accumulation_steps``: backward
+    passes per optimizer step for the optimizers that update inside backward (per-layer galore; adalomo,
+    lomo when fused); step()-based ones accumulate in ``.grad`` (the loop's job). ``optim_kw`` go to the
     optimizer of adalomo (e.g. normalization, second_moment, factor_rank, fused), lomo and adafactor.
     ``lora_trainable``: for lora/relora, name substrings of the non-adapter parameters that stay
     trainable; None keeps every one outside the adapted layers (pre-training from scratch, as the
@@ -58,6 +60,8 @@ def prepare(method: str, model: nn.Module, *, lr: float, rank: int | None = None
         raise ValueError(f"Invalid method: {method!r} (expected one of {METHODS})")
     if optim_kw and method not in ("adalomo", "lomo", "adafactor"):
         raise ValueError(f"Invalid options {sorted(optim_kw)} for method {method!r} (only adalomo, lomo, adafactor take them)")
+    if method in ("adalomo", "lomo") and accumulation_steps != 1:
+        optim_kw = {**optim_kw, "accumulation_steps": accumulation_steps}
     if method in ("adalomo", "lomo", "adafactor"):
         return _full_parameter_optimizer(method, model, lr, weight_decay, max_grad_norm, optim_kw)
     if method != "full" and not (isinstance(rank, int) and rank >= 1):
@@ -80,7 +84,7 @@ def prepare(method: str, model: nn.Module, *, lr: float, rank: int | None = None
                            "moments_on_switch": moments_on_switch})
         kw = dict(lr=lr, weight_decay=weight_decay, seed=seed)
         if per_layer:
-            opt = PerLayerGaLore(groups, max_grad_norm=max_grad_norm, **kw)
+            opt = PerLayerGaLore(groups, max_grad_norm=max_grad_norm, accumulation_steps=accumulation_steps, **kw)
         else:
             opt = GaLoreAdamW(groups, **kw)
         info.update(update_proj_gap=update_proj_gap, scale=scale, proj_method=proj_method,
@@ -176,3 +180,10 @@ class ReLoRAMerge:
                 for p in (A, B):
                     self.optimizer.state.pop(p, None)
         self.merges += 1
+
+    def state_dict(self) -> dict:  # checkpointed by lrkit.train (the re-initialisation stream and count)
+        return {"generator": self.generator.get_state(), "merges": self.merges}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.merges = state["merges"]

@@ -17,9 +17,16 @@ Failure, in a run's ``final`` dict (the rule, written once):
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import random
+import signal
+import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,6 +34,9 @@ import torch
 from lrkit.memory import memory_figures
 from lrkit.records import RunResult
 from lrkit.utils import device_info, progress, resolve_device
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -44,6 +54,8 @@ class LMTrainConfig:
     seed: int = 0
     device: str = "auto"
     unstable_margin: float = 0.1  # nats: final val loss this far above the run's best = unstable
+    grad_accum: int = 1  # micro-batches per step: the step's batch is split, so the data do not depend on it
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU (the papers' scripts); "fp32"; "bf16"
 
     def __post_init__(self):
         for k in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows"):
@@ -59,6 +71,11 @@ class LMTrainConfig:
         if not (isinstance(self.unstable_margin, (int, float)) and math.isfinite(self.unstable_margin)
                 and self.unstable_margin >= 0):
             raise ValueError(f"Invalid unstable_margin: {self.unstable_margin!r} (expected a finite number >= 0)")
+        if not isinstance(self.grad_accum, int) or self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ValueError(f"Invalid grad_accum: {self.grad_accum!r} (expected a positive int dividing "
+                             f"batch_size={self.batch_size})")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"Invalid precision: {self.precision!r} (expected one of {PRECISIONS})")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"Invalid min_lr_ratio: {self.min_lr_ratio!r} (expected 0 <= x <= 1)")
 
@@ -130,14 +147,94 @@ def stability(history: list[dict], diverged: bool, margin: float) -> dict:
     return {"best_val_loss": best, "val_loss_above_best": above, "unstable": above > margin}
 
 
+def autocast(device, precision: str):
+    """bf16 autocast on CUDA (precision "auto" or "bf16"), nothing on CPU (fp32)."""
+    if precision == "bf16" and device.type != "cuda":
+        raise ValueError(f"Invalid precision: 'bf16' on {device.type} (bf16 autocast is for CUDA; use 'auto' or 'fp32')")
+    if device.type == "cuda" and precision != "fp32":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Checkpoint:
+    """``<dir>/last.pt``: everything a run needs to go on exactly where it stopped (model, optimizer state
+    with GaLore projectors and moments or AdaLomo factors, scheduler, callbacks such as ReLoRA's, the RNG
+    states of every device, the data generator, the history). Written to a temporary file and renamed,
+    so a kill mid-write leaves the previous checkpoint; read with ``torch.load(weights_only=True)``."""
+
+    def __init__(self, directory, every: int = 0):
+        if not isinstance(every, int) or every < 0:
+            raise ValueError(f"Invalid checkpoint_every: {every!r} (expected an int >= 0; 0 = only on SIGTERM)")
+        self.path, self.every = Path(directory) / "last.pt", every
+
+    def load(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        try:
+            return torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated or foreign file: say so, never train from half of it
+            raise RuntimeError(f"Invalid checkpoint {self.path}: {type(e).__name__}: {e} (delete it to start over)") from e
+
+    def save(self, state: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".last.pt.")
+        os.close(fd)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _rng_states(gen: torch.Generator) -> dict:
+    return {"data": gen.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+            "numpy_pos": int(np.random.get_state()[2]),
+            "python": list(random.getstate()[1])}
+
+
+def _set_rng_states(gen: torch.Generator, st: dict) -> None:
+    gen.set_state(st["data"])
+    torch.set_rng_state(st["torch"])
+    if st["cuda"]:
+        torch.cuda.set_rng_state_all(st["cuda"])
+    np.random.set_state(("MT19937", st["numpy"].numpy().astype(np.uint32), int(st["numpy_pos"]), 0, 0.0))
+    random.setstate((3, tuple(st["python"]), None))
+
+
+class _Sigterm:
+    """While active, SIGTERM only sets a flag: the loop saves a checkpoint after the current step and exits."""
+
+    def __init__(self, active: bool):
+        self.active, self.received, self._old = active and threading.current_thread() is threading.main_thread(), False, None
+
+    def __enter__(self):
+        if self.active:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def __exit__(self, *exc):
+        if self.active:
+            signal.signal(signal.SIGTERM, self._old)
+
+
 def train_lm(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, corpus,
              cfg: LMTrainConfig, extra_config: dict | None = None, scheduler=None,
-             callbacks=()) -> RunResult:
+             callbacks=(), checkpoint_dir=None, checkpoint_every: int = 0) -> RunResult:
     """Train ``model`` on ``corpus`` (a :class:`lrkit.data.TokenizedCorpus`) and return the record.
 
     History rows hold the step, train loss (mean since the last row), learning rate and, every
     ``eval_every`` steps and at the end, the validation loss and perplexity. ``callbacks`` are called
-    as ``cb(step)`` after each optimizer step (e.g. ReLoRA merges).
+    as ``cb(step)`` after each optimizer step (e.g. ReLoRA merges); one with ``state_dict`` is checkpointed.
+
+    ``checkpoint_dir``: save a :class:`Checkpoint` every ``checkpoint_every`` steps (0: never on a timer)
+    and on SIGTERM (then exit with status 143), and resume from it when it exists: rerunning the same
+    command continues the run, and its numbers equal an uninterrupted run's.
     """
     device = resolve_device(cfg.device)
     model.to(device).train()
@@ -147,35 +244,78 @@ def train_lm(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
         scheduler = cosine_schedule(optimizer, cfg.steps, cfg.warmup_frac, cfg.min_lr_ratio)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    in_backward = getattr(optimizer, "updates_in_backward", False)
+    if cfg.grad_accum > 1 and in_backward and getattr(optimizer, "accumulation_steps", 1) != cfg.grad_accum:
+        raise ValueError(f"Invalid grad_accum: {cfg.grad_accum} for {type(optimizer).__name__}, which updates "
+                         f"inside backward with accumulation_steps={getattr(optimizer, 'accumulation_steps', 1)} "
+                         "(expected them equal)")
+    stateful = [cb for cb in callbacks if hasattr(cb, "state_dict")]
+    ckpt = Checkpoint(checkpoint_dir, checkpoint_every) if checkpoint_dir is not None else None
 
-    history, running, n_running = [], 0.0, 0
+    history, running, n_running, start, wall_before = [], 0.0, 0, 1, 0.0
+    state = ckpt.load() if ckpt else None
+    if state is not None:
+        if state["name"] != name or state["steps"] != cfg.steps:
+            raise ValueError(f"Invalid checkpoint {ckpt.path}: it holds run {state['name']!r} of {state['steps']} "
+                             f"steps (expected {name!r} of {cfg.steps}); use another checkpoint_dir")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        for cb, cs in zip(stateful, state["callbacks"]):
+            cb.load_state_dict(cs)
+        _set_rng_states(gen, state["rng"])
+        history, running, n_running = state["history"], state["running"], state["n_running"]
+        start, wall_before = state["step"] + 1, state["wall_s"]
+        for k, v in state["timings"].items():  # measured overheads so far (timings() keys are attributes)
+            setattr(optimizer, k, getattr(optimizer, k, 0.0) + v)
+
+    def snapshot(step):
+        return {"name": name, "steps": cfg.steps, "step": step, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "callbacks": [cb.state_dict() for cb in stateful], "rng": _rng_states(gen),
+                "history": history, "running": running, "n_running": n_running,
+                "wall_s": wall_before + time.perf_counter() - t0,
+                "timings": optimizer.timings() if hasattr(optimizer, "timings") else {}}
+
     t0 = time.perf_counter()
-    bar = progress(range(1, cfg.steps + 1), desc=name, unit="step")
-    for step in bar:
-        batch = random_windows(corpus.train, cfg.batch_size, cfg.seq_len, gen).to(device)
-        loss = lm_loss(model, batch)
-        lr = optimizer.param_groups[0]["lr"]
-        backward_and_clip(loss, model, optimizer, cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        for cb in callbacks:
-            cb(step)
-        loss = loss.item()
-        if not math.isfinite(loss):
-            history.append({"step": step, "train_loss": None, "lr": lr})
-            break
-        running, n_running = running + loss, n_running + 1
-        evaluate = step % cfg.eval_every == 0 or step == cfg.steps
-        if evaluate or (cfg.log_every and step % cfg.log_every == 0):
-            row = {"step": step, "train_loss": running / n_running, "lr": lr}
-            if evaluate:
-                row["val_loss"] = evaluate_lm(model, val, cfg.batch_size, device)
-                row["val_ppl"] = math.exp(min(row["val_loss"], 700.0))  # no OverflowError on divergence
-                bar.set_postfix(train=f"{row['train_loss']:.3f}", val=f"{row['val_loss']:.3f}")
-            history.append(row)
-            running, n_running = 0.0, 0
-    wall = time.perf_counter() - t0
+    step = start - 1
+    bar = progress(range(start, cfg.steps + 1), desc=name, unit="step", initial=start - 1, total=cfg.steps)
+    with _Sigterm(ckpt is not None) as sigterm:
+        for step in bar:
+            batch = random_windows(corpus.train, cfg.batch_size, cfg.seq_len, gen)
+            lr = optimizer.param_groups[0]["lr"]
+            if cfg.grad_accum == 1:
+                with autocast(device, cfg.precision):
+                    loss = lm_loss(model, batch.to(device))
+                backward_and_clip(loss, model, optimizer, cfg.grad_clip)
+                loss = loss.item()
+            else:
+                loss = accumulate(model, optimizer, batch, cfg, device)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            for cb in callbacks:
+                cb(step)
+            if not math.isfinite(loss):
+                history.append({"step": step, "train_loss": None, "lr": lr})
+                break
+            running, n_running = running + loss, n_running + 1
+            evaluate = step % cfg.eval_every == 0 or step == cfg.steps
+            if evaluate or (cfg.log_every and step % cfg.log_every == 0):
+                row = {"step": step, "train_loss": running / n_running, "lr": lr}
+                if evaluate:
+                    with autocast(device, cfg.precision):
+                        row["val_loss"] = evaluate_lm(model, val, cfg.batch_size, device)
+                    row["val_ppl"] = math.exp(min(row["val_loss"], 700.0))  # no OverflowError on divergence
+                    bar.set_postfix(train=f"{row['train_loss']:.3f}", val=f"{row['val_loss']:.3f}")
+                history.append(row)
+                running, n_running = 0.0, 0
+            if ckpt and (sigterm.received or (ckpt.every and step % ckpt.every == 0) or step == cfg.steps):
+                ckpt.save(snapshot(step))
+                if sigterm.received:
+                    print(f"[{name}] SIGTERM: checkpoint at step {step} in {ckpt.path}; rerun to resume", flush=True)
+                    raise SystemExit(143)
+    wall = wall_before + time.perf_counter() - t0
 
     last = history[-1]
     diverged = last.get("train_loss") is None or not math.isfinite(last.get("val_loss", 0.0))
@@ -189,3 +329,114 @@ def train_lm(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     return RunResult(name=name, config={**asdict(cfg), **(extra_config or {})}, seed=cfg.seed,
                      device=info["device"], device_name=info["device_name"], history=history,
                      final=final, wall_time_s=wall, memory=memory_figures(model, optimizer, device))
+
+
+def accumulate(model, optimizer, batch, cfg: LMTrainConfig, device) -> float:
+    """One step's gradients from ``cfg.grad_accum`` micro-batches of ``batch`` (each loss weighted by its
+    share of the batch, so the gradient is the full batch's mean), then global-norm clipping; returns the
+    batch's mean loss."""
+    total = 0.0
+    micro = batch.chunk(cfg.grad_accum)
+    for mb in micro:
+        with autocast(device, cfg.precision):
+            loss = lm_loss(model, mb.to(device)) * (len(mb) / len(batch))
+        if getattr(optimizer, "updates_in_backward", False):
+            optimizer.backward(loss)  # the optimizer accumulates and updates at its last micro-batch
+        else:
+            loss.backward()
+        total += loss.item()
+    if cfg.grad_clip and not getattr(optimizer, "updates_in_backward", False):
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.grad_clip)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command line: one recipe file, run as `python -m lrkit.train --config configs/train/<recipe>.yaml`.
+RECIPE_KEYS = {"name": str, "method": str, "model_size": str, "corpus": str, "corpus_options": dict,
+               "method_options": dict, "train": dict, "out": str, "checkpoint_every": int}
+
+
+def load_recipe(path, overrides=()) -> dict:
+    """A recipe YAML (keys :data:`RECIPE_KEYS`) with ``overrides`` ("train.steps=20", values in YAML)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"Invalid config: {str(path)!r} (expected a recipe YAML such as configs/train/tiny_cpu.yaml)")
+    recipe = yaml.safe_load(path.read_text()) or {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"Invalid override: {item!r} (expected KEY=VALUE, e.g. train.steps=20)")
+        *parents, leaf = key.split(".")
+        node = recipe
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = yaml.safe_load(value)
+    unknown = sorted(set(recipe) - set(RECIPE_KEYS))
+    if unknown:
+        raise ValueError(f"Invalid recipe keys {unknown} in {path} (expected some of {sorted(RECIPE_KEYS)})")
+    for k in ("method", "model_size", "train"):
+        if k not in recipe:
+            raise ValueError(f"Invalid recipe {path}: missing {k!r}")
+    for k, v in recipe.items():
+        if not isinstance(v, RECIPE_KEYS[k]) or isinstance(v, bool):
+            raise ValueError(f"Invalid {k}: {v!r} in {path} (expected {RECIPE_KEYS[k].__name__})")
+    fields = set(LMTrainConfig.__dataclass_fields__)
+    bad = sorted(set(recipe["train"]) - fields)
+    if bad:
+        raise ValueError(f"Invalid train keys {bad} in {path} (expected some of {sorted(fields)})")
+    return recipe
+
+
+def run_recipe(recipe: dict, out=None) -> RunResult:
+    """Build the corpus, model and method of ``recipe``, train with checkpoints in ``<out>/checkpoint``
+    (resumed when present), write ``<out>/metrics.json`` and ``<out>/model.pt``."""
+    from lrkit import data, records
+    from lrkit.methods import prepare
+    from lrkit.models import build_llama, count_parameters
+    from lrkit.utils import seed_everything
+
+    out = Path(out or recipe.get("out") or f"runs/{recipe.get('name', recipe['method'])}")
+    cfg = LMTrainConfig(**recipe["train"])
+    name = recipe.get("name", recipe["method"])
+    corpus_name = recipe.get("corpus", "shakespeare")
+    corpus = data.load(corpus_name, **recipe.get("corpus_options", {}))
+    seed_everything(cfg.seed)
+    model = build_llama(recipe["model_size"], corpus.vocab_size, cfg.seq_len, seed=cfg.seed)
+    setup = prepare(recipe["method"], model, lr=cfg.lr, seed=cfg.seed, **recipe.get("method_options", {}))
+    extra = {**setup.info, "model_size": recipe["model_size"], "corpus": corpus_name,
+             "vocab_size": corpus.vocab_size, "parameters": count_parameters(model),
+             "trainable": count_parameters(setup.model, True)}
+    result = train_lm(name, setup.model, setup.optimizer, corpus, cfg, extra_config=extra,
+                      callbacks=setup.callbacks, checkpoint_dir=out / "checkpoint",
+                      checkpoint_every=recipe.get("checkpoint_every", 0))
+    records.save_run(out, result)
+    buf = tempfile.NamedTemporaryFile(dir=out, prefix=".model.pt.", delete=False)
+    buf.close()
+    torch.save(setup.model.state_dict(), buf.name)
+    os.replace(buf.name, out / "model.pt")
+    print(f"[{name}] {result.final['steps']} steps, val loss {result.final['val_loss']} -> {out}", flush=True)
+    return result
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m lrkit.train", description="Train one language model from a "
+                                 "recipe YAML; rerun the same command to resume from its last checkpoint.")
+    ap.add_argument("--config", required=True, help="recipe YAML, e.g. configs/train/galore_60m_c4.yaml")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe key (YAML value), e.g. --set train.steps=20; repeatable")
+    ap.add_argument("--out", help="run directory (default: the recipe's `out`, else runs/<name>)")
+    args = ap.parse_args(argv)
+    run_recipe(load_recipe(args.config, args.set), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    import lrkit.train as _train  # the imported module, not this __main__ copy (one LMTrainConfig class)
+
+    sys.exit(_train.main())
