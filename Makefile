@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 export OMP_NUM_THREADS ?= 1
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: help setup data test unit nbval reproduce tune seed-check index readme check-reports bench lab strip clean
+.PHONY: help setup data test unit nbval reproduce tune seed-check index readme check-reports bench gpu-check lab strip clean
 help:
 	@echo "make reproduce [PROFILE=smoke|cpu|gpu|paper]  run every notebook, write reports/ (default: gpu if CUDA, else cpu)"
 	@echo "make test                                     unit tests + nbval over every notebook at smoke size"
@@ -26,6 +26,7 @@ help:
 	@echo "make seed-check NB=notebooks/x/y.ipynb SEEDS=5,6,7  rerun with other seeds, compare the verdicts"
 	@echo "make check-reports                            diff fresh cpu results against the committed reference"
 	@echo "make bench                                    tokens/s and memory of every optimizer on this machine"
+	@echo "make gpu-check [DRY_RUN=1]                    on a GPU: CUDA tests, bf16 memory/throughput -> reports/gpu-check/"
 
 # ---- environment: created on first use, redone only when pyproject.toml or constraints.txt change
 setup: $(STAMP)
@@ -71,6 +72,10 @@ check-reports: setup
 
 bench: setup
 	$(PY) -m lrkit.bench
+# On a lent GPU: the CUDA tests, bf16 memory and throughput side by side, a GaLore recipe run (< 8 min).
+# `make gpu-check DRY_RUN=1` runs the same code at toy sizes anywhere (what the tests do).
+gpu-check: setup data
+	$(PY) -m lrkit.gpu_check $(if $(DRY_RUN),--dry-run)
 
 lab: setup data
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks

@@ -44,9 +44,11 @@ def _official_galore(model, rank):
     return Official(groups, lr=1e-2)
 
 
-def bench_one(name, build_optimizer, size, vocab, batch_size, seq_len, steps, warmup, device) -> dict:
+def bench_one(name, build_optimizer, size, vocab, batch_size, seq_len, steps, warmup, device,
+              dtype=torch.float32) -> dict:
+    """Median-free simple timing of ``steps`` training steps after ``warmup``; parameters in ``dtype``."""
     seed_everything(0)
-    model = build_llama(size, vocab, seq_len, seed=0).to(device)
+    model = build_llama(size, vocab, seq_len, seed=0).to(device, dtype)
     model, optimizer = build_optimizer(model)
     model.to(device).train()
     gen = torch.Generator().manual_seed(0)
