@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from lrkit.data._fetch import ChecksumError, DataUnavailableError
+from lrkit.data.synthetic import least_squares
 from lrkit.data.text import TokenizedCorpus, load_c4_corpus, load_shakespeare
 from lrkit.data.text_classification import fetch_minilm, load_bbc_news, load_tweets
 from lrkit.data.vision import load_cifar10, load_fashion_mnist
@@ -31,8 +32,6 @@ class Source:
 
 
 def _least_squares(data_dir, **kwargs):
-    # The generator lives beside the federated code that defines its heterogeneity (lrkit/fed/problems.py).
-    from lrkit.fed.problems import least_squares
     return least_squares(**kwargs)
 
 
