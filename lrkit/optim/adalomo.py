@@ -14,8 +14,9 @@ Follows METHODS.md section 2 (the team's algorithm reference), checked line by l
   * no fp16 loss scaling and no `clip_grad_value`; the learning rate comes from `param_groups`
     (the official one is passed to every `fused_backward(loss, lr)` call).
 
-The hook machinery (fused/unfused modes, two-pass clipping, misuse errors, `paused()`) lives in
-`lrkit/optim/lomo.py:FusedOptimizer`; see its docstring for the rules.
+The hook machinery (fused/unfused modes, accumulation, two-pass or deferred clipping, the gradient
+reduction under DDP, misuse errors, `paused()`) lives in `lrkit/optim/in_backward.py`, shared with
+per-layer GaLore through `lrkit/optim/lomo.py:FusedOptimizer`; see its docstring for the rules.
 """
 from __future__ import annotations
 
@@ -155,7 +156,7 @@ class AdaLomo(FusedOptimizer):
             "layer" (one group per transformer block: :func:`layer_groups`).
         lr, eps=(eps1, eps2), clip_threshold (d), decay_rate, weight_decay: as above (official defaults).
         fused: update inside backward and free each gradient at once (True), or in ``step()`` (False;
-            needed for gradient accumulation).
+            or fused with ``accumulation_steps``, for gradient accumulation).
         normalization: "grouped" (per tensor, the paper's), "none", "global" (RMS over every update of
             the step), "layer" (RMS over one param group). "global"/"layer" must see all of their
             updates first, so in fused mode they are buffered in fp32 until the set's last gradient
@@ -169,6 +170,9 @@ class AdaLomo(FusedOptimizer):
             svd/qr results are clamped to >= eps1. factor_rank is capped at min(n, m).
         max_grad_norm: global gradient-norm clipping. Fused: two backward passes per step, see
             ``grad_norm_pass()`` / ``backward(loss)``; unfused: a plain clip inside ``step()``.
+        accumulation_steps, clipping, reduction: the hook base's options (`lrkit/optim/in_backward.py`):
+            update on every k-th backward (fused gradient accumulation), "two_pass" (default at k = 1)
+            or "deferred" clipping, and the rank average of each gradient under DDP ("auto").
         seed: seeds the "nmf" rank-k initial factors (drawn on CPU, so every device sees the same
             numbers).
     """
@@ -177,7 +181,8 @@ class AdaLomo(FusedOptimizer):
                  clip_threshold: float = 1.0, decay_rate: float = -0.8, weight_decay: float = 0.0,
                  fused: bool = True, normalization: str = "grouped", second_moment: str = "nmf",
                  factor_rank: int = 1, max_grad_norm: float | None = None, nmf_iters: int = 3,
-                 seed: int = 0):
+                 seed: int = 0, *, accumulation_steps: int = 1, clipping: str | None = None,
+                 reduction: str = "auto"):
         num = (int, float)
         _check(isinstance(lr, num) and lr >= 0, "learning rate", lr, "a number >= 0")
         _check(isinstance(eps, (tuple, list)) and len(eps) == 2
@@ -201,7 +206,8 @@ class AdaLomo(FusedOptimizer):
                         weight_decay=weight_decay, normalization=normalization,
                         second_moment=second_moment, factor_rank=factor_rank, nmf_iters=nmf_iters,
                         seed=seed)
-        super().__init__(params, defaults, fused, max_grad_norm)
+        super().__init__(params, defaults, fused, max_grad_norm, accumulation_steps=accumulation_steps,
+                         clipping=clipping, reduction=reduction)
         self._buffers: dict[object, tuple[int, list]] = {}  # "global"/"layer" updates awaiting their set
         layered = [g for g in self.param_groups if g["normalization"] == "layer"]
         if len(layered) == 1 and len(layered[0]["params"]) > 1:

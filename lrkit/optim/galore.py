@@ -18,10 +18,11 @@ once per accumulated batch (GaLore issue #78) and clips by the true global norm.
 import math
 import time
 import warnings
-import weakref
 
 import torch
 from torch.optim import Optimizer
+
+from lrkit.optim.in_backward import InBackwardOptimizer
 
 PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
 PROJ_METHODS = ("svd", "randomized_svd", "random", "online_pca")
@@ -222,12 +223,13 @@ class GaLoreAdamW(Optimizer):
                 self._update(p, group, index - 1)
         return loss
 
-    def _update(self, p, group, index):
+    def _update(self, p, group, index, grad=None):
         state = self.state[p]
         if not state:
             state["step"] = 0  # steps taken: drives the projector schedule, as galore-torch
             state["moment_step"] = 0  # steps since M, V (re)started: drives bias correction
-        grad = p.grad.float()  # a no-op in fp32: the arithmetic below is galore-torch's, op for op
+        # p.grad, or the final gradient an in-backward subclass passes (reduced, clipped)
+        grad = (p.grad if grad is None else grad).float()  # a no-op in fp32: galore-torch's arithmetic, op for op
         projected = self.is_projected(p, group)
         if projected:
             t0 = time.perf_counter()
@@ -330,33 +332,34 @@ class GaLoreAdamW(Optimizer):
         state["exp_avg_sq"].copy_(V_new)
 
 
-class PerLayerGaLore(GaLoreAdamW):
+class PerLayerGaLore(InBackwardOptimizer, GaLoreAdamW):
     """GaLoreAdamW that updates each parameter inside backward (per-layer weight updates, paper Sec. 4.2).
 
     One torch Optimizer (shared ``param_groups``, one ``state``, the ordinary ``state_dict()`` /
-    ``load_state_dict()``, interchangeable with GaLoreAdamW's): ``__init__`` (and ``add_param_group``)
-    registers ``Tensor.register_post_accumulate_grad_hook`` on every trainable parameter; the hook runs
-    GaLoreAdamW's update of that one parameter (same state, same seeds for random projections: the
-    i-th parameter in state_dict order draws as in GaLoreAdamW) as soon as its gradient is final, and
-    frees ``p.grad`` at once. Hyper-parameters are read from ``group`` when the update runs, so torch
-    LR schedulers work: ``scheduler.step()`` after ``opt.step()`` sets the lr of the next step's hooks.
+    ``load_state_dict()``, interchangeable with GaLoreAdamW's) on the hook base shared with LOMO and
+    AdaLomo (`lrkit/optim/in_backward.py`, whose docstring has the rules): each trainable parameter's
+    post-accumulate-grad hook runs GaLoreAdamW's update of that one parameter (same state, same seeds
+    for random projections: the i-th parameter in state_dict order draws as in GaLoreAdamW) as soon as
+    its gradient is final, and frees ``p.grad`` at once. Hyper-parameters are read from ``group`` when
+    the update runs, so torch LR schedulers work: ``scheduler.step()`` after ``opt.step()`` sets the lr
+    of the next step's hooks.
 
-    Protocol (as lrkit's FusedOptimizer): ``updates_in_backward = True``; ``backward(loss)`` is just
-    ``loss.backward()`` (clipping happens inside the hooks); ``step()`` completes the step and is a
-    no-op when the hooks did everything; ``zero_grad()`` as usual. Loop::
+    Protocol: ``updates_in_backward = True``; ``backward(loss)`` is ``loss.backward()`` (plus a norm pass
+    with ``clipping="two_pass"``); ``step()`` completes the step and is a no-op when the hooks did
+    everything; ``zero_grad()`` as usual. Loop::
 
         opt.backward(loss); opt.step(); opt.zero_grad(); scheduler.step()
 
     Departures from the official per-layer mode: with ``accumulation_steps=k`` a parameter steps on its
     k-th hook only (GaLore issue #78; scale the loss by 1/k as usual; in between its ``.grad``
     accumulates and ``step()`` leaves it alone; ``zero_grad()`` discards a partial accumulation and
-    restarts the count). ``max_grad_norm`` clips by the *true global* norm, exactly as
-    ``clip_grad_norm_`` + step: that norm needs every final gradient, so with clipping on, the hooks
+    restarts the count). ``max_grad_norm`` clips by the *true global* norm, as ``clip_grad_norm_`` +
+    step (the coefficient multiplies the fp32 gradient): by default (``clipping="deferred"``) the hooks
     of the k-th backward only mark gradients ready and the last one to arrive clips them all and steps
-    every parameter. That is correct but keeps all gradients alive until the end of that backward,
-    i.e. it gives up the per-layer memory saving (a two-pass, LOMO-style norm pass is not implemented).
-    If some trainable parameter got no gradient in that backward, the ready ones wait for ``step()``,
-    which clips them by their global norm and updates them.
+    every parameter -- correct, but it keeps all gradients alive until the end of that backward, i.e.
+    it gives up the per-layer memory saving; ``clipping="two_pass"`` (k = 1 only) keeps it at the cost
+    of a second backward pass (LOMO's norm pass). Under DDP (``reduction="auto"``) each final gradient
+    is averaged over the ranks before clipping and update, so every rank computes the same projector.
 
     ``step()`` also updates (and frees the gradient of) any parameter holding a ``.grad`` no hook has
     seen (set by hand, or after ``remove()``); such a gradient counts as complete (no accumulation
@@ -365,124 +368,23 @@ class PerLayerGaLore(GaLoreAdamW):
     weakly: keep a reference to it (they are removed when it is garbage-collected).
     """
 
-    updates_in_backward = True
+    _default_clipping = "deferred"
 
-    def __init__(self, params, *args, accumulation_steps=1, max_grad_norm=None, **kwargs):
-        _check(isinstance(accumulation_steps, int) and accumulation_steps >= 1, "accumulation_steps",
-               accumulation_steps, "expected an int >= 1")
-        _check(max_grad_norm is None or (_finite(max_grad_norm) and max_grad_norm > 0), "max_grad_norm",
-               max_grad_norm, "expected None or a finite number > 0")
-        self.accumulation_steps, self.max_grad_norm = accumulation_steps, max_grad_norm
-        self._handles = {}  # id(p) -> hook handle
-        self._where = {}  # id(p) -> (position of its group, index in state_dict order)
-        self._micro = {}  # id(p) -> backward passes accumulated into p.grad since its last update
-        self._held = set()  # ids of parameters whose current .grad a hook has seen (accumulating/ready)
-        self._ready = {}  # clipping: id(p) -> p whose gradient is final and awaits the global norm
-        handles = []  # the finaliser must not reference self
-        self._handle_list = handles
-        weakref.finalize(self, _remove_handles, handles)
+    def __init__(self, params, *args, accumulation_steps=1, max_grad_norm=None, clipping=None,
+                 reduction="auto", **kwargs):
+        self._init_in_backward(fused=True, max_grad_norm=max_grad_norm, clipping=clipping,
+                               accumulation_steps=accumulation_steps, reduction=reduction)
         super().__init__(params, *args, **kwargs)  # calls add_param_group, which registers the hooks
 
-    def add_param_group(self, param_group):
-        super().add_param_group(param_group)
-        gi, group = len(self.param_groups) - 1, self.param_groups[-1]
-        index = sum(len(g["params"]) for g in self.param_groups[:-1])
-        ref = weakref.ref(self)  # the hook must not keep the optimizer alive
-
-        def hook(p):
-            opt = ref()
-            if opt is not None:
-                opt._on_grad(p)
-
-        for i, p in enumerate(group["params"]):
-            self._where[id(p)] = (gi, index + i)
-            if p.requires_grad:
-                handle = p.register_post_accumulate_grad_hook(hook)
-                self._handles[id(p)] = handle
-                self._handle_list.append(handle)
-                self._micro[id(p)] = 0
+    def _update_param(self, p, grad):
+        if grad.is_sparse:
+            raise RuntimeError("GaLoreAdamW does not support sparse gradients")
+        group, index = self._where[id(p)]
+        self._update(p, group, index, grad)
 
     def remove(self):
         """Detach the hooks: backward then only accumulates .grad and step() updates (GaLoreAdamW)."""
-        for h in self._handles.values():
-            h.remove()
-        self._handles.clear()
-        self._handle_list.clear()
-
-    remove_hooks = remove
-
-    def backward(self, loss):
-        """``loss.backward()``: the hooks update (and clip) inside it; no separate norm pass is needed."""
-        loss.backward()
-
-    def _on_grad(self, p):
-        if p.grad is None or id(p) not in self._handles:
-            return
-        self._held.add(id(p))
-        self._micro[id(p)] += 1
-        if self._micro[id(p)] < self.accumulation_steps:
-            return  # keep accumulating into p.grad
-        self._micro[id(p)] = 0
-        if self.max_grad_norm is None:
-            self._step_param(p)
-            return
-        self._ready[id(p)] = p
-        if len(self._ready) == len(self._handles):
-            self._clip_and_step(self._take_ready())
-
-    def _take_ready(self):
-        ready = [p for p in self._ready.values() if p.grad is not None]
-        self._ready = {}
-        return ready
-
-    @torch.no_grad()
-    def _clip_and_step(self, params):
-        params = sorted(params, key=lambda q: self._where[id(q)][1])  # parameter order, as clip_grad_norm_
-        if params and self.max_grad_norm is not None:
-            grads = [q.grad for q in params]
-            total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-            coef = (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
-            for g in grads:
-                g.mul_(coef)
-        for q in params:
-            self._step_param(q)
-
-    @torch.no_grad()
-    def _step_param(self, p):
-        if p.grad.is_sparse:
-            raise RuntimeError("GaLoreAdamW does not support sparse gradients")
-        gi, index = self._where[id(p)]
-        self._update(p, self.param_groups[gi], index)
-        p.grad = None  # the point of per-layer mode: this gradient's memory is free again
-        self._held.discard(id(p))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Complete the step: update the gradients still waiting for the global clipping norm, and any
-        .grad no hook has seen; a no-op when the hooks updated everything (the usual case)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        unseen = [p for g in self.param_groups for p in g["params"]
-                  if p.grad is not None and id(p) not in self._held]
-        todo = self._take_ready() + unseen
-        if todo:
-            self._clip_and_step(todo)
-        return loss
-
-    def zero_grad(self, set_to_none=True):
-        """As torch.optim; also discards partial accumulations (their counts restart at 0)."""
-        super().zero_grad(set_to_none)
-        self._held.clear()
-        self._ready = {}
-        self._micro = dict.fromkeys(self._micro, 0)
-
-
-def _remove_handles(handles):
-    for h in handles:
-        h.remove()
-    handles.clear()
+        self.remove_hooks()
 
 
 def GaLoreAdamW8bit(params, **kwargs):
