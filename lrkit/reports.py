@@ -49,16 +49,35 @@ def notebook_key(nb: Path) -> str:
 
 
 def notebook_parameters(nb: Path, profile: str) -> dict:
-    """The notebook's parameters at `profile`: smoke = the notebook's own defaults; each larger profile
-    layers its YAML (configs/<profile>/<key>.yaml) over the ones below it (records.PROFILES order: cpu,
-    then gpu, then paper), so a gpu or paper YAML holds only what changes and a notebook without one runs
-    at least at cpu size."""
+    """The notebook's parameters at `profile`: smoke = the notebook's own defaults (no file); each larger profile
+    layers the notebook's YAMLs (configs/<layer>/<key>.yaml) in records.PROFILES order, cpu then gpu then paper,
+    up to `profile`, so a gpu or paper YAML holds only what changes. Every layer's file must exist: a missing one
+    is an error naming it, never a silent fallback to a smaller profile. A key that is not a parameter of the
+    notebook (or one the runner sets: profile, report_dir) is an error naming the key."""
+    import papermill
+
     if profile not in records.PROFILES:
         raise ValueError(f"Invalid profile: {profile!r} (expected one of {list(records.PROFILES)})")
+    layers = records.PROFILES[1:records.PROFILES.index(profile) + 1]
+    key = notebook_key(nb)
+    known = None
     params = {}
-    for layer in records.PROFILES[1:records.PROFILES.index(profile) + 1]:
-        path = CONFIGS_DIR / layer / f"{notebook_key(nb)}.yaml"
-        params |= (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
+    for layer in layers:
+        path = CONFIGS_DIR / layer / f"{key}.yaml"
+        if not path.exists():
+            raise FileNotFoundError(f"Missing config: {path} ({key} at profile {profile!r} layers "
+                                    f"{', '.join(f'configs/{x}/{key}.yaml' for x in layers)}; write the missing file)")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"Invalid config: {path} holds a {type(values).__name__} (expected a mapping "
+                             "of notebook parameters to values)")
+        if known is None:
+            known = set(papermill.inspect_notebook(str(nb))) - {"profile", "report_dir"}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Invalid key(s) {unknown} in {path}: not parameters of {nb.name} "
+                             f"(expected some of {sorted(known)}; profile and report_dir are set by the runner)")
+        params |= values
     return params
 
 

@@ -4,6 +4,7 @@
 * :func:`finetune`: the pretrained MiniLM encoder on a labelled text set with one method.
 * :func:`federated`: one federated run (FedAvg, FedLin or FeDLRT) in the in-process simulator.
 * :func:`run_all`: every arm on every seed, each recorded as it finishes; returns :class:`Runs`.
+* :func:`lm_corpus`: the language-model corpus a notebook names (``corpus``, ``corpus_options``).
 
 Arms are paired by seed: the same seed gives every arm the same initialisation and data order where the
 method allows, so the claims rule (``lrkit.claims``) compares arms on paired differences.
@@ -25,7 +26,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 
-from lrkit import records
+from lrkit import data, records
 from lrkit.claims import interval
 from lrkit.finetune import ClassifierTrainConfig, train_classifier
 from lrkit.methods import prepare
@@ -34,8 +35,24 @@ from lrkit.records import RunResult
 from lrkit.train import LMTrainConfig, train_lm
 from lrkit.utils import seed_everything
 
-__all__ = ["pretrain", "finetune", "federated", "run_all", "Runs", "run_name", "final_metric", "tail_mean",
-           "LMTrainConfig", "ClassifierTrainConfig"]
+__all__ = ["lm_corpus", "LM_CORPORA", "pretrain", "finetune", "federated", "run_all", "Runs", "run_name",
+           "final_metric", "tail_mean", "LMTrainConfig", "ClassifierTrainConfig"]
+
+
+# The corpora a language-model notebook can name: Shakespeare offline (smoke and cpu profiles), C4 at gpu and
+# paper (lrkit.data.text.load_c4_corpus: data_files, tokenizer, train_tokens, val_tokens as corpus_options).
+LM_CORPORA = ("shakespeare", "c4")
+
+
+def lm_corpus(corpus: str = "shakespeare", vocab_size: int | None = None, options: dict | None = None):
+    """The corpus of an LM notebook's ``corpus`` and ``corpus_options`` parameters:
+    ``data.load(corpus, vocab_size=vocab_size, **options)`` (options override vocab_size). Shakespeare with no
+    options is exactly ``data.load("shakespeare", vocab_size=vocab_size)``, the cpu profile's corpus."""
+    if corpus not in LM_CORPORA:
+        raise ValueError(f"Invalid corpus: {corpus!r} (expected one of {list(LM_CORPORA)})")
+    if options is not None and not isinstance(options, dict):
+        raise ValueError(f"Invalid corpus_options: {options!r} (expected a dict of {corpus!r} loader arguments)")
+    return data.load(corpus, **({"vocab_size": vocab_size} | (options or {})))
 
 
 def pretrain(name: str, corpus, train: LMTrainConfig, *, method: str, model_size: str, lr: float | None = None,

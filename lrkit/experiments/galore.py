@@ -23,8 +23,8 @@ import pandas as pd
 
 from lrkit import analysis, data
 from lrkit.claims import Claim
-from lrkit.experiments import (ClassifierTrainConfig, LMTrainConfig, Runs, final_metric, finetune, pretrain,
-                               run_all, tune, tuned)
+from lrkit.experiments import (ClassifierTrainConfig, LMTrainConfig, Runs, final_metric, finetune, lm_corpus,
+                               pretrain, run_all, tune, tuned)
 
 # ------------------------------------------------------------------------------------------ the paper
 PAPER = {
@@ -123,9 +123,10 @@ def pretrain_run(name, corpus, train, *, method: str, **kw):
 
 
 def lm_setup(*, vocab_size: int, steps: int, batch_size: int, seq_len: int, eval_every: int,
-             eval_windows: int):
-    """The corpus (Shakespeare, byte-level BPE of ``vocab_size``) and the training config."""
-    corpus = data.load("shakespeare", vocab_size=vocab_size)
+             eval_windows: int, corpus: str = "shakespeare", corpus_options: dict | None = None):
+    """The corpus (``lrkit.experiments.lm_corpus``: Shakespeare's byte-level BPE of ``vocab_size`` by
+    default, C4 at the gpu and paper profiles) and the training config."""
+    corpus = lm_corpus(corpus, vocab_size, corpus_options)
     return corpus, LMTrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, eval_every=eval_every,
                                  eval_windows=eval_windows)
 
@@ -510,7 +511,8 @@ def run_tuning(out, *, profile: str, points: int, factor: float, ft_points: int,
                model_size: str, vocab_size: int, steps: int, batch_size: int, seq_len: int, eval_every: int,
                eval_windows: int, rank: int, scale: float, update_proj_gap: int, tasks, ft_rank: int,
                ft_scale: float, ft_update_proj_gap: int, ft_epochs: int, ft_batch_size: int, ft_max_len: int,
-               ft_train_size: int, ft_test_size: int) -> dict:
+               ft_train_size: int, ft_test_size: int, corpus: str = "shakespeare",
+               corpus_options: dict | None = None) -> dict:
     """tuning.ipynb: the learning-rate sweep of every method the other notebooks compare, the same grid
     (``points`` rates ``factor`` apart around :data:`CENTERS`) for every method of a group, one tuning seed.
     Pre-training (group "pretrain"): final validation loss. Fine-tuning (one group per task): final
@@ -518,7 +520,8 @@ def run_tuning(out, *, profile: str, points: int, factor: float, ft_points: int,
     from lrkit.data.text_classification import validation_split
 
     corpus, train = lm_setup(vocab_size=vocab_size, steps=steps, batch_size=batch_size, seq_len=seq_len,
-                             eval_every=eval_every, eval_windows=eval_windows)
+                             eval_every=eval_every, eval_windows=eval_windows, corpus=corpus,
+                             corpus_options=corpus_options)
     arms = _no_lr(pretrain_arms(CENTERS["pretrain"], rank=rank, scale=scale, update_proj_gap=update_proj_gap))
     chosen = {"pretrain": tune(pretrain_run, arms, out, centers=CENTERS["pretrain"], metric="val_loss",
                                points=points, factor=factor, group="pretrain", corpus=corpus, train=train,
@@ -549,13 +552,14 @@ def run_galore(out, *, profile: str, seeds, other_seeds, model_size: str, vocab_
                batch_size: int, seq_len: int, eval_every: int, eval_windows: int, rank: int, scale: float,
                update_proj_gap: int, tasks, ft_rank: int, ft_scale: float, ft_update_proj_gap: int,
                ft_epochs: int, ft_batch_size: int, ft_max_len: int, ft_train_size: int,
-               ft_test_size: int) -> Runs:
+               ft_test_size: int, corpus: str = "shakespeare", corpus_options: dict | None = None) -> Runs:
     """galore.ipynb. (a) Pre-training: GaLore, tuned full-rank AdamW and the equal-learning-rate control on
     ``seeds`` (the headline), LoRA and low-rank on ``other_seeds``, all at their tuned learning rates and
     rank ``rank``. (b) Fine-tuning MiniLM on each task of ``tasks``: full, GaLore and LoRA (rank ``ft_rank``)
     at their tuned rates, on ``other_seeds``; arms "<task> <method>"."""
     corpus, train = lm_setup(vocab_size=vocab_size, steps=steps, batch_size=batch_size, seq_len=seq_len,
-                             eval_every=eval_every, eval_windows=eval_windows)
+                             eval_every=eval_every, eval_windows=eval_windows, corpus=corpus,
+                             corpus_options=corpus_options)
     lrs = tuned_lrs(profile, "pretrain", model_size=model_size, steps=steps, batch_size=batch_size, seq_len=seq_len)
     arms = pretrain_arms(lrs, rank=rank, scale=scale, update_proj_gap=update_proj_gap, control=True)
     common = dict(corpus=corpus, train=train, model_size=model_size)
@@ -587,12 +591,14 @@ def _finetune_tasks(out, profile, tasks, seeds, methods, ranks, scale, update_pr
 def run_rank(out, *, profile: str, seeds, ranks, model_size: str, vocab_size: int, steps: int, batch_size: int,
              seq_len: int, eval_every: int, eval_windows: int, scale: float, update_proj_gap: int, tasks,
              ft_scale: float, ft_update_proj_gap: int, ft_epochs: int, ft_batch_size: int, ft_max_len: int,
-             ft_train_size: int, ft_test_size: int) -> Runs:
+             ft_train_size: int, ft_test_size: int, corpus: str = "shakespeare",
+             corpus_options: dict | None = None) -> Runs:
     """ablation_rank.ipynb: GaLore at every rank of ``ranks`` in pre-training, and GaLore fine-tuning at every
     rank on every task (arms "<task> galore r=<r>"), all at the tuned GaLore rates (the paper keeps one learning
     rate across ranks). The full-rank baseline is galore.ipynb's (same scale, same tuned rate)."""
     corpus, train = lm_setup(vocab_size=vocab_size, steps=steps, batch_size=batch_size, seq_len=seq_len,
-                             eval_every=eval_every, eval_windows=eval_windows)
+                             eval_every=eval_every, eval_windows=eval_windows, corpus=corpus,
+                             corpus_options=corpus_options)
     lrs = tuned_lrs(profile, "pretrain", model_size=model_size, steps=steps, batch_size=batch_size, seq_len=seq_len)
     arms = {f"galore r={r}": pretrain_arms(lrs, rank=r, scale=scale, update_proj_gap=update_proj_gap,
                                            arms=("galore",))["galore"] for r in sorted(ranks)}
@@ -603,11 +609,13 @@ def run_rank(out, *, profile: str, seeds, ranks, model_size: str, vocab_size: in
 
 
 def run_lora(out, *, profile: str, seeds, ranks, model_size: str, vocab_size: int, steps: int, batch_size: int,
-             seq_len: int, eval_every: int, eval_windows: int, scale: float, update_proj_gap: int) -> Runs:
+             seq_len: int, eval_every: int, eval_windows: int, scale: float, update_proj_gap: int,
+             corpus: str = "shakespeare", corpus_options: dict | None = None) -> Runs:
     """ablation_lora.ipynb: GaLore and LoRA pre-training at every rank of ``ranks`` (and full-rank AdamW for
     reference), each at its tuned learning rate (tuned at the folder's rank, kept across ranks)."""
     corpus, train = lm_setup(vocab_size=vocab_size, steps=steps, batch_size=batch_size, seq_len=seq_len,
-                             eval_every=eval_every, eval_windows=eval_windows)
+                             eval_every=eval_every, eval_windows=eval_windows, corpus=corpus,
+                             corpus_options=corpus_options)
     lrs = tuned_lrs(profile, "pretrain", model_size=model_size, steps=steps, batch_size=batch_size, seq_len=seq_len)
     arms = pretrain_arms(lrs, rank=max(ranks), scale=scale, update_proj_gap=update_proj_gap, arms=("full-rank",))
     for r in sorted(ranks):

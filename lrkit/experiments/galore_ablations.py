@@ -74,9 +74,11 @@ def galore_lr(profile: str, **scale) -> tuple[float, str]:
         return RECIPE["lr"], "paper recipe (no tuning record)"
 
 
-def _setup(profile, *, model_size, vocab_size, steps, batch_size, seq_len, eval_every, eval_windows, log_every):
+def _setup(profile, *, model_size, vocab_size, steps, batch_size, seq_len, eval_every, eval_windows, log_every,
+           corpus="shakespeare", corpus_options=None):
     corpus, train = lm_setup(vocab_size=vocab_size, steps=steps, batch_size=batch_size, seq_len=seq_len,
-                             eval_every=eval_every, eval_windows=eval_windows)
+                             eval_every=eval_every, eval_windows=eval_windows, corpus=corpus,
+                             corpus_options=corpus_options)
     lr, source = galore_lr(profile, model_size=model_size, steps=steps, batch_size=batch_size, seq_len=seq_len)
     return corpus, replace(train, log_every=log_every, unstable_margin=UNSTABLE_MARGIN), lr, source
 
