@@ -16,27 +16,46 @@ export TOKENIZERS_PARALLELISM := false
 export OMP_NUM_THREADS ?= 1
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: help setup data test unit nbval reproduce tune seed-check index readme check-reports bench gpu-check lab strip clean
+
+.PHONY: help setup lock data test unit nbval reproduce tune seed-check index readme check-reports bench gpu-check lab strip clean
 help:
 	@echo "make reproduce [PROFILE=smoke|cpu|gpu|paper]  run every notebook, write reports/ (default: gpu if CUDA, else cpu)"
 	@echo "make test                                     unit tests + nbval over every notebook at smoke size"
 	@echo "make lab                                      JupyterLab on notebooks/"
 	@echo "make data                                     fetch and verify every offline dataset into data/"
+	@echo "make lock                                     refresh requirements.lock (exact versions + hashes) from pyproject.toml"
 	@echo "make tune [PROFILE=...]                      run each paper's learning-rate sweep (notebooks/*/tuning.ipynb)"
 	@echo "make seed-check NB=notebooks/x/y.ipynb SEEDS=5,6,7  rerun with other seeds, compare the verdicts"
 	@echo "make check-reports                            diff fresh cpu results against the committed reference"
 	@echo "make bench                                    tokens/s and memory of every optimizer on this machine"
 	@echo "make gpu-check [DRY_RUN=1]                    on a GPU: CUDA tests, bf16 memory/throughput -> reports/gpu-check/"
 
-# ---- environment: created on first use, redone only when pyproject.toml or constraints.txt change
+# ---- environment: created on first use from the lock (exact versions, sha256 hashes); redone when the
+# lock, pyproject.toml or constraints.txt change. `make lock` refreshes the lock (needs PyPI).
+LOCK := requirements.lock
 setup: $(STAMP)
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { echo "cannot create $(VENV): install python3-venv (apt-get install python3-venv)"; exit 1; }
+	@$(PY) -c 'import sys; v = "%d.%d" % sys.version_info[:2]; sys.exit(0 if v == "3.11" else "$(LOCK) is for Python 3.11, this is " + v)'
 	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-	set -o pipefail; $(PY) -m pip install -q -c constraints.txt -e '.[dev]' 2>&1 | grep -v "is ignored"
+	set -o pipefail; $(PY) -m pip install -q --require-hashes -r $(LOCK) 2>&1 | grep -v "is ignored"
+	set -o pipefail; $(PY) -m pip install -q --no-deps -e . 2>&1 | grep -v "is ignored"
 	@# Strip outputs from notebooks on commit (tags kept); executed copies live in reports/.
 	@if git rev-parse --git-dir >/dev/null 2>&1; then $(VENV)/bin/nbstripout --install --attributes .gitattributes; fi
 	@touch $@
+
+# uv resolves; the CPU torch wheel comes from pip's find-links when the machine has one (constraints.txt).
+FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+lock:
+	@test -x $(VENV)/tools/bin/uv || { $(PYTHON) -m venv $(VENV)/tools && $(VENV)/tools/bin/pip install -q uv; }
+	$(VENV)/tools/bin/uv pip compile pyproject.toml --extra dev -c constraints.txt --generate-hashes \
+	  --python-version 3.11.7 --python-platform x86_64-manylinux_2_28 --index-url https://pypi.org/simple \
+	  $(addprefix --find-links ,$(FIND_LINKS)) --no-header --no-annotate $(LOCK_ARGS) -o $(LOCK).body
+	{ echo "# $(LOCK): every package of the kit's environment (runtime and dev), exact versions and sha256 hashes."; \
+	  echo "# Written by \`make lock\` (uv pip compile) from pyproject.toml and constraints.txt; \`make setup\` and CI install it."; \
+	  echo "# inputs-sha256: $$($(PYTHON) lrkit/_lock.py)"; \
+	  echo "# python 3.11, x86_64-manylinux_2_28; torch is the CPU build (GPU: README, GPU install)"; \
+	  cat $(LOCK).body; } > $(LOCK).tmp && rm $(LOCK).body && mv $(LOCK).tmp $(LOCK)
 
 data: setup
 	$(PY) -m lrkit.data

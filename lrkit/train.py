@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lrkit import distributed
 from lrkit.memory import memory_figures
 from lrkit.records import RunResult
 from lrkit.utils import device_info, progress, resolve_device
@@ -235,9 +236,15 @@ def train_lm(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     ``checkpoint_dir``: save a :class:`Checkpoint` every ``checkpoint_every`` steps (0: never on a timer)
     and on SIGTERM (then exit with status 143), and resume from it when it exists: rerunning the same
     command continues the run, and its numbers equal an uninterrupted run's.
+
+    Under ``torchrun`` (``model`` and ``optimizer`` from ``lrkit.distributed.wrap``) every rank draws the same
+    global batch of ``cfg.batch_size`` windows and trains on its shard; the logged loss is the rank average,
+    every rank evaluates the same held-out windows with the same weights, rank 0 writes the checkpoints,
+    and a SIGTERM on any rank stops every rank at the same step.
     """
     device = resolve_device(cfg.device)
     model.to(device).train()
+    bare = distributed.unwrap(model)  # the module itself: state_dict, evaluation
     gen = torch.Generator().manual_seed(cfg.seed)
     val = eval_windows(corpus.val, cfg.eval_windows, cfg.seq_len)
     if scheduler is None:
@@ -258,7 +265,7 @@ def train_lm(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
         if state["name"] != name or state["steps"] != cfg.steps:
             raise ValueError(f"Invalid checkpoint {ckpt.path}: it holds run {state['name']!r} of {state['steps']} "
                              f"steps (expected {name!r} of {cfg.steps}); use another checkpoint_dir")
-        model.load_state_dict(state["model"])
+        bare.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         for cb, cs in zip(stateful, state["callbacks"]):
@@ -270,7 +277,7 @@ def train_lm(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
             setattr(optimizer, k, getattr(optimizer, k, 0.0) + v)
 
     def snapshot(step):
-        return {"name": name, "steps": cfg.steps, "step": step, "model": model.state_dict(),
+        return {"name": name, "steps": cfg.steps, "step": step, "model": bare.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "callbacks": [cb.state_dict() for cb in stateful], "rng": _rng_states(gen),
                 "history": history, "running": running, "n_running": n_running,
@@ -282,15 +289,15 @@ def train_lm(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     bar = progress(range(start, cfg.steps + 1), desc=name, unit="step", initial=start - 1, total=cfg.steps)
     with _Sigterm(ckpt is not None) as sigterm:
         for step in bar:
-            batch = random_windows(corpus.train, cfg.batch_size, cfg.seq_len, gen)
+            batch = distributed.shard(random_windows(corpus.train, cfg.batch_size, cfg.seq_len, gen))
             lr = optimizer.param_groups[0]["lr"]
             if cfg.grad_accum == 1:
                 with autocast(device, cfg.precision):
                     loss = lm_loss(model, batch.to(device))
                 backward_and_clip(loss, model, optimizer, cfg.grad_clip)
-                loss = loss.item()
+                loss = distributed.mean(loss)
             else:
-                loss = accumulate(model, optimizer, batch, cfg, device)
+                loss = distributed.mean(accumulate(model, optimizer, batch, cfg, device))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -305,14 +312,16 @@ def train_lm(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
                 row = {"step": step, "train_loss": running / n_running, "lr": lr}
                 if evaluate:
                     with autocast(device, cfg.precision):
-                        row["val_loss"] = evaluate_lm(model, val, cfg.batch_size, device)
+                        row["val_loss"] = evaluate_lm(bare, val, cfg.batch_size, device)
                     row["val_ppl"] = math.exp(min(row["val_loss"], 700.0))  # no OverflowError on divergence
                     bar.set_postfix(train=f"{row['train_loss']:.3f}", val=f"{row['val_loss']:.3f}")
                 history.append(row)
                 running, n_running = 0.0, 0
-            if ckpt and (sigterm.received or (ckpt.every and step % ckpt.every == 0) or step == cfg.steps):
-                ckpt.save(snapshot(step))
-                if sigterm.received:
+            stop = sigterm.received if distributed.world_size() == 1 else distributed.mean(sigterm.received) > 0
+            if ckpt and (stop or (ckpt.every and step % ckpt.every == 0) or step == cfg.steps):
+                if distributed.is_main():
+                    ckpt.save(snapshot(step))
+                if stop:
                     print(f"[{name}] SIGTERM: checkpoint at step {step} in {ckpt.path}; rerun to resume", flush=True)
                     raise SystemExit(143)
     wall = wall_before + time.perf_counter() - t0
@@ -337,13 +346,14 @@ def accumulate(model, optimizer, batch, cfg: LMTrainConfig, device) -> float:
     batch's mean loss."""
     total = 0.0
     micro = batch.chunk(cfg.grad_accum)
-    for mb in micro:
+    for i, mb in enumerate(micro):
         with autocast(device, cfg.precision):
             loss = lm_loss(model, mb.to(device)) * (len(mb) / len(batch))
         if getattr(optimizer, "updates_in_backward", False):
             optimizer.backward(loss)  # the optimizer accumulates and updates at its last micro-batch
         else:
-            loss.backward()
+            with distributed.no_sync(model, last=i == len(micro) - 1):  # DDP reduces once, at the last
+                loss.backward()
         total += loss.item()
     if cfg.grad_clip and not getattr(optimizer, "updates_in_backward", False):
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.grad_clip)
@@ -398,25 +408,34 @@ def run_recipe(recipe: dict, out=None) -> RunResult:
     from lrkit.utils import seed_everything
 
     out = Path(out or recipe.get("out") or f"runs/{recipe.get('name', recipe['method'])}")
-    cfg = LMTrainConfig(**recipe["train"])
+    setup = distributed.init()  # torchrun: join the process group; else a single process
+    cfg = LMTrainConfig(**{"device": str(setup.device), **recipe["train"]})
+    if cfg.batch_size % (setup.world_size * cfg.grad_accum):
+        raise ValueError(f"Invalid batch_size: {cfg.batch_size} (the global batch; expected a multiple of "
+                         f"{setup.world_size} processes x grad_accum {cfg.grad_accum})")
     name = recipe.get("name", recipe["method"])
     corpus_name = recipe.get("corpus", "shakespeare")
     corpus = data.load(corpus_name, **recipe.get("corpus_options", {}))
     seed_everything(cfg.seed)
     model = build_llama(recipe["model_size"], corpus.vocab_size, cfg.seq_len, seed=cfg.seed)
-    setup = prepare(recipe["method"], model, lr=cfg.lr, seed=cfg.seed, **recipe.get("method_options", {}))
-    extra = {**setup.info, "model_size": recipe["model_size"], "corpus": corpus_name,
+    opts = dict(recipe.get("method_options", {}))
+    if cfg.grad_accum > 1 and (recipe["method"] in ("adalomo", "lomo") or opts.get("per_layer")):
+        opts.setdefault("accumulation_steps", cfg.grad_accum)  # in-backward optimizers count micro-batches
+    prep = prepare(recipe["method"], model, lr=cfg.lr, seed=cfg.seed, **opts)
+    extra = {**prep.info, "model_size": recipe["model_size"], "corpus": corpus_name,
              "vocab_size": corpus.vocab_size, "parameters": count_parameters(model),
-             "trainable": count_parameters(setup.model, True)}
-    result = train_lm(name, setup.model, setup.optimizer, corpus, cfg, extra_config=extra,
-                      callbacks=setup.callbacks, checkpoint_dir=out / "checkpoint",
+             "trainable": count_parameters(prep.model, True), "world_size": setup.world_size}
+    net, optimizer = distributed.wrap(recipe["method"], prep.model.to(setup.device), prep.optimizer)
+    result = train_lm(name, net, optimizer, corpus, cfg, extra_config=extra,
+                      callbacks=prep.callbacks, checkpoint_dir=out / "checkpoint",
                       checkpoint_every=recipe.get("checkpoint_every", 0))
-    records.save_run(out, result)
-    buf = tempfile.NamedTemporaryFile(dir=out, prefix=".model.pt.", delete=False)
-    buf.close()
-    torch.save(setup.model.state_dict(), buf.name)
-    os.replace(buf.name, out / "model.pt")
-    print(f"[{name}] {result.final['steps']} steps, val loss {result.final['val_loss']} -> {out}", flush=True)
+    if distributed.is_main():
+        records.save_run(out, result)
+        buf = tempfile.NamedTemporaryFile(dir=out, prefix=".model.pt.", delete=False)
+        buf.close()
+        torch.save(prep.model.state_dict(), buf.name)
+        os.replace(buf.name, out / "model.pt")
+        print(f"[{name}] {result.final['steps']} steps, val loss {result.final['val_loss']} -> {out}", flush=True)
     return result
 
 
@@ -430,7 +449,10 @@ def main(argv=None) -> int:
                     help="override a recipe key (YAML value), e.g. --set train.steps=20; repeatable")
     ap.add_argument("--out", help="run directory (default: the recipe's `out`, else runs/<name>)")
     args = ap.parse_args(argv)
-    run_recipe(load_recipe(args.config, args.set), args.out)
+    try:
+        run_recipe(load_recipe(args.config, args.set), args.out)
+    finally:
+        distributed.destroy()
     return 0
 
 

@@ -200,3 +200,36 @@ def test_shard_and_wrap_in_one_process():
 
 if __name__ == "__main__":
     worker(sys.argv[1])
+
+
+@pytest.mark.parametrize("method", ["galore", "adalomo"])
+def test_torchrun_cli_equals_one_process(method, tmp_path):
+    """`torchrun --nproc-per-node 2 -m lrkit.train` (gloo) trains as `python -m lrkit.train` does on the same
+    global batches: same history to rounding, parameters within 1e-5, one record written (by rank 0)."""
+    import json
+
+    import yaml
+
+    recipe = {"name": method, "method": method, "model_size": "nano", "corpus": "shakespeare",
+              "corpus_options": {"vocab_size": 4096},
+              "method_options": {"rank": 8, "update_proj_gap": 1000} if method == "galore" else {"max_grad_norm": 1.0},
+              "train": {"steps": 4, "batch_size": 4, "seq_len": 16, "lr": 3e-3, "eval_every": 2, "eval_windows": 4,
+                        "grad_clip": None}}
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(distributed.__file__).parents[1])}
+    runs = {"one": [sys.executable, "-m", "lrkit.train"],
+            "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    "-m", "lrkit.train"]}
+    for name, cmd in runs.items():
+        p = subprocess.run(cmd + ["--config", str(cfg), "--out", str(tmp_path / name)], env=env, capture_output=True,
+                           text=True, timeout=TIMEOUT_S)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    rec = {n: next(iter(json.loads((tmp_path / n / "metrics.json").read_text())["runs"].values())) for n in runs}
+    assert rec["two"]["config"]["world_size"] == 2 and rec["one"]["config"]["world_size"] == 1
+    for a, b in zip(rec["one"]["history"], rec["two"]["history"]):
+        assert a["step"] == b["step"] and a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    pa, pb = (torch.load(tmp_path / n / "model.pt", weights_only=True) for n in runs)
+    diff = max((pa[k] - pb[k]).abs().max().item() for k in pa)
+    print(f"{method}: torchrun x2 vs one process, max parameter difference {diff:.2e}")
+    assert diff < 1e-5

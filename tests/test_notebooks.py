@@ -9,8 +9,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(p for p in (ROOT / "notebooks").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
-CONFIGS = sorted((ROOT / "configs").glob("*/**/*.yaml"))
 PROFILES = yaml.safe_load((ROOT / "configs" / "profiles.yaml").read_text())
+# Notebook configs live under configs/<profile>/; configs/train/ holds command-line recipes (lrkit.train).
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*/**/*.yaml") if p.relative_to(ROOT / "configs").parts[0] in PROFILES)
 MAX_CODE_LINES = 75
 VERDICT_WORDS = ("claim holds", "NOT hold", "as the paper", "does not hold", "holds at this scale", "NOT within",
                  "NOT clearly")
