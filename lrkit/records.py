@@ -3,7 +3,7 @@
 Layout: ``reports/<paper>/<notebook>/<profile>/metrics.json`` (the notebook path under ``notebooks/``
 mirrored), beside the notebook's figures. One file per notebook holds all of its runs::
 
-    {"notebook", "profile", "runs": {name: {config, seed, device, device_name, torch, git_commit,
+    {"notebook", "profile", "runs": {name: {config, seed, device, device_name, torch, git_commit, lock_sha256,
      history: [{step, ...}], final: {...}, wall_time_s, memory: {...}}}, "summary": {...}}
 
 Notebooks call :func:`save_run`, :func:`save_summary` and :func:`savefig`; they never write JSON by hand.
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from lrkit._lock import lock_digest
 from lrkit.utils import REPO_ROOT, REPORTS_DIR, atomic_write_bytes
 
 SCHEMA = 1
@@ -60,7 +61,7 @@ def save_run(out_dir: str | Path, result: RunResult) -> Path:
     doc = _read(out_dir)
     run = asdict(result)
     run.update(torch=torch.__version__, python=platform.python_version(), git_commit=git_commit(),
-               recorded_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+               lock_sha256=lock_digest(), recorded_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     doc["runs"][result.name] = run
     return _write(out_dir, doc)
 

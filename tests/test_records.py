@@ -22,7 +22,7 @@ def test_save_run_writes_every_field_and_loads_back(tmp_path):
     doc = records.load(out)
     assert doc["notebook"] == "galore/galore" and doc["profile"] == "cpu"
     run = doc["runs"]["adamw"]
-    for field in ("config", "seed", "device", "device_name", "torch", "git_commit", "history", "final",
+    for field in ("config", "seed", "device", "device_name", "torch", "git_commit", "lock_sha256", "history", "final",
                   "wall_time_s", "memory"):
         assert field in run, field
     assert run["final"]["nan_metric"] is None  # NaN is not JSON; stored as null

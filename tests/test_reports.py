@@ -82,3 +82,38 @@ def test_profiles_layer_cpu_then_gpu_then_paper():
     assert reports.notebook_parameters(abl, "gpu")["seeds"] == reports.notebook_parameters(abl, "cpu")["seeds"]
     with pytest.raises(ValueError, match="Invalid profile: 'huge'"):
         reports.notebook_parameters(nb, "huge")
+
+
+def test_check_reports_compares_computed_metrics_exactly_and_only_lists_measured_ones(tmp_path, monkeypatch, capsys):
+    import json
+    import subprocess
+
+    from lrkit import reports
+    from lrkit._lock import lock_digest
+
+    rel = tmp_path / "reports" / "p" / "nb" / "cpu" / "metrics.json"
+    rel.parent.mkdir(parents=True)
+    run = {"final": {"val_loss": 3.25, "tokens": 1000, "projector_time_s": 0.5, "wall_time": 2.0},
+           "lock_sha256": lock_digest()}
+    rel.write_text(json.dumps({"runs": {"a | seed 0": run}}))
+    for cmd in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "ref"]):
+        subprocess.run(["git", *cmd], cwd=tmp_path, check=True)
+    monkeypatch.setattr(reports, "REPO_ROOT", tmp_path)
+    # other wall and projector times: still identical results
+    rel.write_text(json.dumps({"runs": {"a | seed 0": {"final": {**run["final"], "projector_time_s": 0.9,
+                                                               "wall_time": 7.0}}}}))
+    assert reports.check_reports("cpu")
+    out = capsys.readouterr().out
+    assert "OK: 2/2 computed metrics identical; 2 measured figures listed" in out and "1.80" in out
+    # a computed metric off in the 7th digit is a difference
+    rel.write_text(json.dumps({"runs": {"a | seed 0": {"final": {**run["final"], "val_loss": 3.2500001}}}}))
+    assert not reports.check_reports("cpu")
+    assert "DIFFERS: 1/2" in capsys.readouterr().out
+    # a run made in another environment is named
+    rel.write_text(json.dumps({"runs": {"a | seed 0": run}}))
+    run["lock_sha256"] = "0" * 64
+    rel.write_text(json.dumps({"runs": {"a | seed 0": run}}))
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "other env"], cwd=tmp_path,
+                   check=True)
+    assert reports.check_reports("cpu")
+    assert "WARNING: reports/p/nb/cpu: committed runs were made with another environment" in capsys.readouterr().out
