@@ -153,9 +153,9 @@ def budget(profile: str, group: str) -> str:
 # ---------------------------------------------------------------------------------- adalomo.ipynb
 def memory_run(name: str, *, seed: int, model_size: str, method: str, vocab_size: int, batch_size: int,
                seq_len: int, steps: int = 2, **kw) -> RunResult:
-    """``lrkit.memory.measure_method_memory`` as a run record: bytes of optimizer state, the peak of
+    """``lrkit.experiments.memory.measure_method_memory`` as a run record: bytes of optimizer state, the peak of
     gradients alive at once and their sum ``held_bytes`` in ``final``."""
-    from lrkit.memory import measure_method_memory
+    from lrkit.experiments.memory import measure_method_memory
     from lrkit.utils import device_info
 
     t0 = time.perf_counter()
@@ -350,7 +350,7 @@ def factorization(out, *, profile: str, corpus, train, model_size: str, seeds, v
     """``ablation_factorization.ipynb``: AdaLomo (tuned lr) with each second-moment ``variants`` trained on
     ``seeds``; then the persistent state and modelled transient peak of every variant (and of
     ``memory_variants``, not trained) from one measured step. Returns (runs, memory table)."""
-    from lrkit.memory import measure_method_memory
+    from lrkit.experiments.memory import measure_method_memory
 
     lr = tuned("adalomo", profile, "pretrain")["AdaLomo"]
     runs = run_all(adalomo_pretrain, {v: dict(lr=lr, **variant_knobs(v, nmf_iters)) for v in variants}, out,

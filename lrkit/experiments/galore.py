@@ -640,7 +640,7 @@ def run_memory(out, *, seeds, model_sizes, ranks, vocab_size: int, batch_size: i
                lr: float, update_proj_gap: int, scale: float, device: str = "auto") -> tuple[Runs, list]:
     """ablation_memory.ipynb: a few training steps of AdamW, GaLore, per-layer GaLore (and 8-bit GaLore on
     CUDA) on each LLaMA size with its rank; returns the runs and the methods that ran."""
-    from lrkit.memory import step_memory_run
+    from lrkit.experiments.memory import step_memory_run
     from lrkit.utils import resolve_device
 
     if len(ranks) != len(model_sizes):
