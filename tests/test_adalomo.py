@@ -491,7 +491,7 @@ def test_layer_normalization_with_one_group_warns():
 
 
 def test_measure_method_memory_fused_holds_one_gradient():
-    from lrkit.memory import measure_method_memory
+    from lrkit.experiments.memory import measure_method_memory
 
     full = measure_method_memory("nano", "full", vocab_size=64, seq_len=8, steps=1)
     ada = measure_method_memory("nano", "adalomo", vocab_size=64, seq_len=8, steps=1)
