@@ -33,6 +33,7 @@ import torch
 
 from lrkit import distributed
 from lrkit.memory import memory_figures
+from lrkit.optim.in_backward import NonFiniteGradient
 from lrkit.records import RunResult
 from lrkit.utils import device_info, progress, resolve_device
 
@@ -125,15 +126,30 @@ def evaluate_lm(model, windows: torch.Tensor, batch_size: int, device) -> float:
 
 
 def backward_and_clip(loss, model, optimizer, grad_clip) -> None:
-    """Backward, then global-norm clipping; optimizers that update inside backward (``backward``
+    """Backward, a check that every gradient is finite (:func:`check_gradients`), then global-norm clipping;
+    optimizers that update inside backward (``backward``
     method: AdaLomo, Lomo, per-layer GaLore) run their own backward and clip with their own
     ``max_grad_norm``, since no full set of gradients exists after it."""
     if getattr(optimizer, "updates_in_backward", False):
         optimizer.backward(loss)
         return
     loss.backward()
+    check_gradients(model)
     if grad_clip:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
+
+
+def check_gradients(model) -> None:
+    """Raise :class:`NonFiniteGradient` naming the first parameter whose gradient holds NaN or Inf (one fused
+    norm per step; called before ``optimizer.step()``, so nothing non-finite reaches the weights or an SVD)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return
+    norms = torch.stack(torch._foreach_norm([p.grad for p in params]))
+    bad = ~torch.isfinite(norms)
+    if bool(bad.any()):
+        p = params[int(bad.nonzero()[0])]
+        raise NonFiniteGradient(p, f"non-finite gradient in a {tuple(p.shape)} parameter")
 
 
 def stability(history: list[dict], diverged: bool, margin: float) -> dict:
@@ -291,13 +307,20 @@ def train_lm(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
         for step in bar:
             batch = distributed.shard(random_windows(corpus.train, cfg.batch_size, cfg.seq_len, gen))
             lr = optimizer.param_groups[0]["lr"]
-            if cfg.grad_accum == 1:
-                with autocast(device, cfg.precision):
-                    loss = lm_loss(model, batch.to(device))
-                backward_and_clip(loss, model, optimizer, cfg.grad_clip)
-                loss = distributed.mean(loss)
-            else:
-                loss = distributed.mean(accumulate(model, optimizer, batch, cfg, device))
+            try:
+                if cfg.grad_accum == 1:
+                    with autocast(device, cfg.precision):
+                        loss = lm_loss(model, batch.to(device))
+                    backward_and_clip(loss, model, optimizer, cfg.grad_clip)
+                    loss = distributed.mean(loss)
+                else:
+                    loss = distributed.mean(accumulate(model, optimizer, batch, cfg, device))
+            except NonFiniteGradient as e:  # the run stops here as diverged, saying where
+                pname = next((n for n, q in bare.named_parameters() if q is e.param), "?")
+                failure = f"step {step}: non-finite gradient (NaN or Inf) in parameter {pname}"
+                history.append({"step": step, "train_loss": None, "lr": lr, "failure": failure})
+                print(f"[{name}] {failure}; the run stops (diverged)", flush=True)
+                break
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -328,9 +351,11 @@ def train_lm(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 
     last = history[-1]
     diverged = last.get("train_loss") is None or not math.isfinite(last.get("val_loss", 0.0))
+    failure = last.get("failure") or ((f"step {last['step']}: non-finite train loss" if last.get("train_loss") is None
+                                      else f"step {last['step']}: non-finite validation loss") if diverged else None)
     final = {"val_loss": None if diverged else last["val_loss"],
              "val_ppl": None if diverged else last["val_ppl"],
-             "train_loss": last.get("train_loss"), "diverged": diverged,
+             "train_loss": last.get("train_loss"), "diverged": diverged, "failure": failure,
              **stability(history, diverged, cfg.unstable_margin), "steps": step,
              "tokens": step * cfg.batch_size * cfg.seq_len,
              **(optimizer.timings() if hasattr(optimizer, "timings") else {})}
@@ -355,6 +380,8 @@ def accumulate(model, optimizer, batch, cfg: LMTrainConfig, device) -> float:
             with distributed.no_sync(model, last=i == len(micro) - 1):  # DDP reduces once, at the last
                 loss.backward()
         total += loss.item()
+    if not getattr(optimizer, "updates_in_backward", False):
+        check_gradients(model)
     if cfg.grad_clip and not getattr(optimizer, "updates_in_backward", False):
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.grad_clip)
     return total
@@ -441,6 +468,7 @@ def run_recipe(recipe: dict, out=None) -> RunResult:
 
 def main(argv=None) -> int:
     import argparse
+    import sys
 
     ap = argparse.ArgumentParser(prog="python -m lrkit.train", description="Train one language model from a "
                                  "recipe YAML; rerun the same command to resume from its last checkpoint.")
@@ -450,9 +478,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="run directory (default: the recipe's `out`, else runs/<name>)")
     args = ap.parse_args(argv)
     try:
-        run_recipe(load_recipe(args.config, args.set), args.out)
+        result = run_recipe(load_recipe(args.config, args.set), args.out)
     finally:
         distributed.destroy()
+    if result.final["diverged"]:  # recorded (the history up to the failure), and said
+        print(f"run diverged: {result.final['failure']}", file=sys.stderr)
+        return 1
     return 0
 
 

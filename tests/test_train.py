@@ -66,3 +66,29 @@ def test_stability_rule_catches_runs_that_end_far_above_their_best():
     assert r.final["unstable"] is False and r.final["best_val_loss"] <= r.final["val_loss"]
     with pytest.raises(ValueError, match="Invalid unstable_margin"):
         LMTrainConfig(unstable_margin=-1.0)
+
+
+@pytest.mark.parametrize("method,kw", [("full", {}), ("galore", {"rank": 4, "update_proj_gap": 1}),
+                                       ("adalomo", {}), ("galore", {"rank": 4, "per_layer": True})])
+def test_a_non_finite_gradient_stops_the_run_naming_step_and_parameter(method, kw):
+    """A NaN in one weight's gradient (finite loss) stops the run as diverged at that step, naming the
+    parameter, before any update or SVD sees it (GaLore's SVD used to raise a bare LinAlgError)."""
+    from lrkit.methods import prepare
+
+    corpus = _corpus()
+    seed_everything(0)
+    model = build_llama("nano", corpus.vocab_size, 16, seed=0)
+    target = "model.layers.0.mlp.up_proj.weight"
+    calls = {"n": 0}
+
+    def poison(grad):
+        calls["n"] += 1
+        return torch.full_like(grad, float("nan")) if calls["n"] == 4 else grad
+
+    dict(model.named_parameters())[target].register_hook(poison)
+    setup = prepare(method, model, lr=1e-3, **kw)
+    cfg = LMTrainConfig(steps=6, batch_size=2, seq_len=16, eval_every=3, eval_windows=2)
+    r = train_lm("nan", setup.model, setup.optimizer, corpus, cfg)
+    assert r.final["diverged"] and r.final["steps"] == 4
+    assert r.final["failure"] == f"step 4: non-finite gradient (NaN or Inf) in parameter {target}"
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # nothing non-finite was applied

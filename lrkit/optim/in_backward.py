@@ -62,6 +62,14 @@ REDUCTIONS = ("auto", "mean", "none")
 _OWNER = torch.utils.weak.WeakTensorKeyDictionary()
 
 
+class NonFiniteGradient(FloatingPointError):
+    """A gradient with NaN or Inf reached an update; ``param`` is the parameter (its name is the caller's)."""
+
+    def __init__(self, param: torch.Tensor, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 def _check(ok: bool, what: str, value, accepted: str) -> None:
     if not ok:
         raise ValueError(f"Invalid {what}: {value!r} (expected {accepted})")
@@ -182,6 +190,9 @@ class InBackwardOptimizer:
 
     def _consume(self, p: torch.Tensor, coef: torch.Tensor | None) -> None:
         grad = p.grad
+        if not bool(torch.isfinite(grad).all()):  # stop before a NaN reaches the weights (or an SVD)
+            raise NonFiniteGradient(p, f"non-finite gradient (NaN or Inf) in a {tuple(p.shape)} parameter, "
+                                       f"index {self._order[id(p)]} of the optimizer's parameters")
         if self.fused:
             p.grad = None  # the point of updating in backward: this gradient dies now
         if coef is not None:
