@@ -117,13 +117,16 @@ def git_commit() -> str:
     the commit a run started from is the one to record."""
     try:
         res = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=REPO_ROOT,
-                             capture_output=True, text=True, timeout=10)
+                             capture_output=True, text=True, timeout=30)
         head = res.stdout.strip() if res.returncode == 0 else ""
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "lrkit",
-                                "notebooks", "configs"], cwd=REPO_ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    try:  # slow in a fresh checkout under load (the nbstripout filter reads every notebook): a generous limit
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "lrkit",
+                                "notebooks", "configs"], cwd=REPO_ROOT, capture_output=True, text=True,
+                               timeout=300).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return (head or "unknown") + "+dirty-unchecked"
     return (head or "unknown") + ("+dirty" if dirty else "")
 
 

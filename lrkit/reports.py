@@ -223,7 +223,8 @@ def build_index(profile: str = "auto") -> Path:
                 f"run time {ex.get('wall_time_s', 0):.0f} s · commit {html.escape(_short(doc))}")
         toc.append(f'<li><a href="#{anchor}">{html.escape(key)}</a> {verdicts}</li>')
         cards.setdefault(_paper_of(key), []).append(
-            f'<section class="card" id="{anchor}"><h3>{html.escape(key)}</h3><p class="meta">{meta}</p>'
+            f'<section class="card" id="{anchor}"{" data-headline" if summ.get("headline") else ""}>'
+            f'<h3>{html.escape(key)}</h3><p class="meta">{meta}</p>'
             f"{claims_html}{fig}<details><summary>summary table and conclusions</summary>"
             f"<div class=\"scroll\">{_html_table(summ.get('table', []))}</div><ul>{concl}</ul></details>"
             f"<p>{link}</p></section>")
