@@ -68,8 +68,10 @@ nbval: setup data
 	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env --nbval-cell-timeout=600 notebooks
 
 # ---- reproduce: one target per notebook, so `make -j2 reproduce` runs two at a time
+# The longest notebooks (cpu run times in the folder READMEs) start first, so `-j` ends with short ones.
+LONGEST := $(foreach n,galore/galore galore/ablation_rank getting_started galore/ablation_lora,$(filter notebooks/$(n).ipynb,$(NOTEBOOKS)))
 reproduce: setup data
-	$(MAKE) --no-print-directory -j $(JOBS) $(addprefix run/,$(NOTEBOOKS))
+	$(MAKE) --no-print-directory -j $(JOBS) $(addprefix run/,$(LONGEST) $(filter-out $(LONGEST),$(NOTEBOOKS)))
 	$(PY) -m lrkit.reports index --profile $(PROFILE)
 	@if [ "$$($(PY) -c 'from lrkit.reports import profile_settings as p; print(p("$(PROFILE)")["name"])')" = cpu ]; then $(PY) -m lrkit.reports readme; fi
 readme: setup
