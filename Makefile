@@ -98,8 +98,12 @@ bench: setup
 gpu-check: setup data
 	$(PY) -m lrkit.gpu_check $(if $(DRY_RUN),--dry-run)
 
+# JupyterLab on loopback; it prints the URL (with its token) to open. --allow-root: containers and many GPU
+# boxes run as root; no news prompt, no update check (configs/jupyterlab/overrides.json; no internet needed).
+LAB_FLAGS := --notebook-dir=notebooks --ip=127.0.0.1 --no-browser --allow-root --LabApp.news_url=None \
+  --LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate --LabApp.app_settings_dir=configs/jupyterlab
 lab: setup data
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+	$(VENV)/bin/jupyter lab $(LAB_FLAGS) $(LAB_ARGS)
 
 strip: setup
 	$(VENV)/bin/nbstripout $(NOTEBOOKS)
