@@ -1,5 +1,5 @@
 """AdaLomo and LOMO (lrkit/optim/adalomo.py, lrkit/optim/lomo.py) against a float64 reference written
-from METHODS.md section 2, against the official lomo_optim code, and for the fused-update contract."""
+from docs/methods.md, section 2, against the official lomo_optim code, and for the fused-update contract."""
 import copy
 import math
 
@@ -72,7 +72,7 @@ def max_diff(a, b):
 
 
 class Reference:
-    """METHODS.md section 2, written plainly in float64: one loop over parameters per step."""
+    """docs/methods.md, section 2, written plainly in float64: one loop over parameters per step."""
 
     def __init__(self, params, lr, weight_decay=0.0, eps1=1e-30, eps2=1e-3, d=1.0, decay_rate=-0.8,
                  max_grad_norm=None):
@@ -448,7 +448,7 @@ def test_state_numel_of_llama_7b_and_recipe_bytes():
     assert adalomo_state_numel((11008, 4096)) == 11008 + 4096 and adalomo_state_numel((4096,)) == 4096
     assert adalomo_state_numel((3, 5, 7)) == 3 * (5 + 7)  # leading dims are a batch
     n = sum(adalomo_state_numel(s) for _, s in llama_weight_shapes("7b"))
-    assert n == 2_836_992  # METHODS.md: "about 2.8M fp32 values (about 11 MiB)"
+    assert n == 2_836_992  # docs/methods.md, section 2: about 11 MiB for LLaMA-7B
     rec = {r: recipe_memory_bytes("7b", r) for r in ("adamw", "sgd", "lomo", "adalomo")}
     params = rec["adamw"]["parameters"]
     assert rec["adamw"]["total_bytes"] == 16 * params and rec["sgd"]["total_bytes"] == 8 * params

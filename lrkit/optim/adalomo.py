@@ -2,13 +2,13 @@
 2024, arXiv 2310.10195), section 3 (the method, Algorithm 1): LOMO's fused update with a factored
 (non-negative matrix factorisation) second moment and grouped update normalisation, no first moment.
 
-Follows METHODS.md section 2 (the team's algorithm reference), checked line by line against the official
+Follows docs/methods.md, section 2 (the kit's algorithm reference), checked line by line against the official
 `lomo_optim/adalomo.py` (OpenLMLab/LOMO, PyPI lomo-optim 0.1.1). Where they differ:
   * tensors with more than 2 dims: the official code allocates factors of length shape[0] and shape[1]
     and then fails on the first update (its row mean has shape shape[:-1]). The kit factors over the
     last two dims and treats leading dims as a batch, as HF/fairseq Adafactor, whose `_approx_sq_grad`
     the official code copies;
-  * 0-dim parameters use the unfactored EMA (the official code would treat them as matrices);
+  * 0-dim parameters use the unfactored EMA (the official constructor indexes shape[0] and fails on them);
   * the step counter is per parameter (`state[p]["step"]`, as torch.optim.Adam): it equals the
     official global `step_num` whenever every parameter gets a gradient every step;
   * no fp16 loss scaling and no `clip_grad_value`; the learning rate comes from `param_groups`
