@@ -34,6 +34,11 @@ NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 CONFIGS_DIR = REPO_ROOT / "configs"
 
 
+# The headless kernel's own log: its start-up notice about TCP transport and the "KeyboardInterrupt caught"
+# line it logs when papermill shuts it down are noise; a failing cell still raises (papermill) and shows.
+KERNEL_QUIET = ["--IPKernelApp.log_level=CRITICAL"]
+
+
 def profile_settings(profile: str) -> dict:
     """configs/profiles.yaml: per profile its description and notebook cell timeout."""
     spec = yaml.safe_load((CONFIGS_DIR / "profiles.yaml").read_text())
@@ -110,6 +115,7 @@ def run_notebook(nb: str | Path, profile: str = "auto", overrides: dict | None =
               flush=True)
         papermill.execute_notebook(str(nb), str(staging / f"{nb.stem}.ipynb"), parameters=params,
                                    kernel_name="python3", cwd=str(nb.parent), progress_bar=False,
+                                   extra_arguments=KERNEL_QUIET,
                                    execution_timeout=prof["cell_timeout_s"], request_save_on_cell_execute=False)
         wall = time.perf_counter() - t0
         _export_html(staging / f"{nb.stem}.ipynb")

