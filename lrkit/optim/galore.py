@@ -8,6 +8,7 @@ Knobs beyond the official code (all param-group keys):
   proj_method        "svd" | "randomized_svd" | "random" | "online_pca" (Online Subspace Descent,
                      arXiv 2408.12857)
   switch_subspace    False = the projector of step 0 is kept for ever (fixed-subspace ablation)
+  power_iters        power iterations of "randomized_svd" (2; 1 makes a refresh faster, see lrkit.bench)
   moments_on_switch  "keep" (official) | "reset" | "rotate" (the kit's own heuristic) | "ldadam"
                      (LDAdam's projection-aware rule, arXiv 2410.16103, Sec. 3.1)
 Departures from galore-torch, all documented where they happen: non-2D parameters and ranks at or
@@ -45,10 +46,16 @@ def project(G, P=None, Q=None):
     return R if Q is None else R @ Q.t()
 
 
-def project_back(N, P=None, Q=None, scale=1.0):
-    """G_tilde = scale * P N Q, with either factor absent (identity)."""
-    G = N if P is None else P @ N
-    return (G if Q is None else G @ Q) * scale
+def project_back(N, P=None, Q=None, scale=1.0, out=None):
+    """G_tilde = scale * P N Q, with either factor absent (identity). With ``out`` (a tensor of the full
+    shape, fp32) the last product and the scaling are written into it: the same numbers, bit for bit,
+    without allocating two full-size tensors per weight (the optimizer reuses one per shape in a step)."""
+    if out is None or (P is None and Q is None):
+        G = N if P is None else P @ N
+        return (G if Q is None else G @ Q) * scale
+    if Q is None:
+        return torch.matmul(P, N, out=out).mul_(scale)
+    return torch.matmul(N if P is None else P @ N, Q, out=out).mul_(scale)
 
 
 def _draw_seed(seed, index, t):
@@ -68,6 +75,7 @@ def _orthonormal(A):
 
 
 def _randomized_svd(G, rank, generator, oversample=5, niter=2):
+    # niter = the group's power_iters (2 by default: the numbers every committed result was run with)
     # Halko et al. 2011 range finder with power iterations (what torch.svd_lowrank does), but drawing
     # the sketch from our generator so that runs are reproducible and the global RNG is untouched.
     m, n = G.shape
@@ -116,6 +124,8 @@ def _validate(g):
            f"expected one of {MOMENT_POLICIES}")
     _check(isinstance(g["switch_subspace"], bool), "switch_subspace", g["switch_subspace"], "expected a bool")
     _check(_finite(g["pca_lr"]) and g["pca_lr"] > 0, "pca_lr", g["pca_lr"], "expected a finite number > 0")
+    _check(isinstance(g["power_iters"], int) and not isinstance(g["power_iters"], bool) and g["power_iters"] >= 0,
+           "power_iters", g["power_iters"], "expected an int >= 0")
 
 
 class GaLoreAdamW(Optimizer):
@@ -174,17 +184,18 @@ class GaLoreAdamW(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True,
                  *, update_proj_gap=200, scale=1.0, proj_type="std", proj_method="svd", switch_subspace=True,
-                 moments_on_switch="keep", pca_lr=0.1, seed=0):
+                 moments_on_switch="keep", pca_lr=0.1, power_iters=2, seed=0):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                         update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
                         proj_method=proj_method, switch_subspace=switch_subspace,
-                        moments_on_switch=moments_on_switch, pca_lr=pca_lr)
+                        moments_on_switch=moments_on_switch, pca_lr=pca_lr, power_iters=power_iters)
         _validate(defaults)
         _check(isinstance(seed, int) and seed >= 0, "seed", seed, "expected an int >= 0")
         self.seed = seed
         self._generator = torch.Generator()  # CPU: the same draws whatever the parameters' device
         self._warned_full_rank = False
         self.projector_time_s = 0.0  # wall time spent computing projectors (SVD etc.): the switching overhead
+        self._buffers = None  # during step(): one full-size fp32 buffer per (shape, device) for project_back
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group):
@@ -213,15 +224,29 @@ class GaLoreAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         index = 0  # position in state_dict order: seeds this parameter's random draws
-        for group in self.param_groups:
-            for p in group["params"]:
-                index += 1
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("GaLoreAdamW does not support sparse gradients")
-                self._update(p, group, index - 1)
+        self._buffers = {}  # freed at the end of the step, so memory between steps is as before
+        try:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    index += 1
+                    if p.grad is None:
+                        continue
+                    if p.grad.is_sparse:
+                        raise RuntimeError("GaLoreAdamW does not support sparse gradients")
+                    self._update(p, group, index - 1)
+        finally:
+            self._buffers = None
         return loss
+
+    def _buffer(self, p):
+        # a full-size fp32 scratch tensor shared by the step's weights of one shape; None outside step()
+        # (per-layer hooks) or where the update must outlive the next weight (non-fp32 parameters copy it)
+        if self._buffers is None:
+            return None
+        key = (tuple(p.shape), p.device)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+        return self._buffers[key]
 
     def _update(self, p, group, index, grad=None):
         state = self.state[p]
@@ -256,7 +281,7 @@ class GaLoreAdamW(Optimizer):
             step_size = step_size * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
         norm_grad = m / denom
         if projected:
-            norm_grad = project_back(norm_grad, *self._projectors(state), group["scale"])
+            norm_grad = project_back(norm_grad, *self._projectors(state), group["scale"], out=self._buffer(p))
         p.add_(norm_grad.to(p.dtype), alpha=-step_size)
         if group["weight_decay"] > 0.0:  # galore-torch: decay the *updated* weight, with the base lr
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
@@ -287,7 +312,7 @@ class GaLoreAdamW(Optimizer):
         else:  # "svd", "randomized_svd", and step 0 of "online_pca"
             if method == "randomized_svd":
                 self._generator.manual_seed(_draw_seed(self.seed, index, t))
-                U, Vh = _randomized_svd(G, r, self._generator)
+                U, Vh = _randomized_svd(G, r, self._generator, niter=group.get("power_iters", 2))
             else:
                 U, _, Vh = torch.linalg.svd(G, full_matrices=False)
             if side in ("left", "full"):
