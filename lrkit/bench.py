@@ -10,7 +10,7 @@ Each number is the median of ``--repeats`` timings after untimed warm-up ones, a
   (gradients fixed; optimizers that update inside backward have none) and the training step (forward,
   backward, update). GaLore's refresh (the SVD every T steps) is timed apart, as a step that refreshes
   (update_proj_gap = 1) minus one that does not, and amortised: step(T) = plain step + refresh / T,
-  for T = 200 and the refresh-heavy T = 10.
+  for T = 200 and the refresh-heavy T = 10; the kit's and galore-torch's optimizer steps are timed in turns.
   Memory: optimizer-state bytes and the peak gradient bytes alive at once (CPU), peak allocated (CUDA).
 * ``refresh``: one projector refresh of each block-weight shape of LLaMA-60M at rank 128 by full SVD,
   randomized SVD (power_iters 2, the default, and 1) and random projection; and the final validation
@@ -154,6 +154,7 @@ def bench_steps(size, cfg, device, optimizers=OPTIMIZERS) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     batch = torch.randint(0, cfg["vocab"], (cfg["batch_size"], cfg["seq_len"] + 1), generator=gen).to(device)
     rank, rows = RANKS[size], []
+    pair = _galore_pair(size, rank, batch, cfg, device) if {"galore", "galore-torch"} <= set(optimizers) else {}
     for name in optimizers:
         def fresh(gap=NO_REFRESH):
             seed_everything(0)
@@ -164,10 +165,12 @@ def bench_steps(size, cfg, device, optimizers=OPTIMIZERS) -> list[dict]:
         row = {"size": size, "method": name, "rank": rank if name in GALORE else None}
         model, opt = fresh()
         row["parameters"] = count_parameters(model)
-        if not getattr(opt, "updates_in_backward", False):  # the optimizer step alone, gradients fixed
+        if name in pair:  # measured in turns with its counterpart
+            row.update(pair[name])
+        elif not getattr(opt, "updates_in_backward", False):  # the optimizer step alone, gradients fixed
             _fixed_gradients(model, batch)
             row["opt_step_ms"] = median_ms(opt.step, cfg["repeats"], cfg["warmup"], device)
-        if name in GALORE and name != "galore per-layer":
+        if name in ("galore", "galore-torch") and name not in pair:
             m2, o2 = fresh(gap=1)  # every step refreshes
             _fixed_gradients(m2, batch)
             row["refresh_step_ms"] = median_ms(o2.step, cfg["repeats"], cfg["warmup"], device)
@@ -176,6 +179,34 @@ def bench_steps(size, cfg, device, optimizers=OPTIMIZERS) -> list[dict]:
         rows.append(_training_step(row, *fresh(), batch, cfg, device))
     _amortise(rows)
     return rows
+
+
+def _galore_pair(size, rank, batch, cfg, device) -> dict:
+    """The kit's GaLoreAdamW and galore-torch's, optimizer step alone at equal settings, timed in turns
+    (kit, official, kit, ...) so that a load that comes and goes on the machine hits both alike:
+    {name: {"opt_step_ms": no refresh, "refresh_step_ms": a refresh every step}}."""
+    out = {"galore": {}, "galore-torch": {}}
+    for gap, key in ((NO_REFRESH, "opt_step_ms"), (1, "refresh_step_ms")):
+        opts = {}
+        for name in out:
+            seed_everything(0)
+            model, opt = build_optimizer(name, build_llama(size, cfg["vocab"], cfg["seq_len"], seed=0).to(device),
+                                         rank, gap)
+            _fixed_gradients(model, batch)
+            opts[name] = opt
+        times = {name: [] for name in opts}
+        for i in range(cfg["warmup"] + cfg["repeats"]):
+            for name, opt in opts.items():
+                _sync(device)
+                t0 = time.perf_counter()
+                opt.step()
+                _sync(device)
+                if i >= cfg["warmup"]:
+                    times[name].append(time.perf_counter() - t0)
+        for name in opts:
+            out[name][key] = 1e3 * statistics.median(times[name])
+        del opts
+    return out
 
 
 def _training_step(row, model, opt, batch, cfg, device) -> dict:
