@@ -451,3 +451,63 @@ def test_divergence_is_recorded_not_raised():
     # ended above the untrained loss without blowing up: also diverged
     worse = {"history": [dict(ok["history"][0]), dict(ok["history"][-1], loss=ok["history"][0]["loss"] + 1)]}
     assert to_run_result("x", worse, {"seed": 0}).final["diverged"]
+
+
+# ---------------------------------------------------------------------------------------- issue 11: float64 end to end
+
+def _mean(messages):
+    """The plain mean in the messages' own dtype, written independently of fedlrt.aggregate."""
+    return {k: torch.stack([m[k] for m in messages]).mean(0) for k in messages[0]}
+
+
+def _float64_reference(model, state, clients, rounds, lr, local_steps, tau):
+    """FeDLRT rounds (full correction, dynamic rank, plain mean) from METHODS.md's steps, all in float64."""
+    loss, layers = nn.functional.mse_loss, {"": (1, None)}
+    for _ in range(rounds):
+        bars = fedlrt.server_augment(state, _mean([fedlrt.client_basis_gradients(model, state, d, loss)
+                                                   for d in clients]), layers)
+        msg = state | bars
+        own = [fedlrt.client_coefficient_gradients(model, msg, d, loss) for d in clients]
+        msg = msg | _mean(own)
+        S = [fedlrt.client_coefficient_steps(model, msg, d, loss, local_steps, lr, own_grads=o)
+             for d, o in zip(clients, own)]
+        state = fedlrt.server_truncate(state, bars, _mean(S), layers, tau)
+    return state
+
+
+def test_float64_run_equals_float64_algebra():
+    """A float64 model stays float64 end to end: factorising its dense layer (bias included) and the plain mean of
+    three clients (weights 1/3, once built in float32: off by ~5e-8) match float64 algebra to 1e-12."""
+    P = least_squares(**LS)
+    clients = [(X.double(), Y.double()) for X, Y in P["clients"]][:3]
+    dense = lambda: nn.Linear(8, 8).double()
+    res = run_fedlrt(dense, clients, 3, lr=0.05, local_steps=4, initial_rank=2, tau=0.01, variance_correction="full")
+    torch.manual_seed(0)
+    model = to_low_rank(dense(), 2)
+    assert {v.dtype for v in fedlrt.global_state(model).values()} == {torch.float64}
+    expected = _float64_reference(model, fedlrt.global_state(model), clients, 3, 0.05, 4, 0.01)
+    assert res["state"].keys() == expected.keys()
+    err = max(float((res["state"][k] - expected[k]).abs().max()) for k in expected)
+    assert {v.dtype for v in res["state"].values()} == {torch.float64} and err <= 1e-12, err
+    assert res["model"](clients[0][0]).dtype == torch.float64
+
+
+def test_factorising_keeps_the_dtype_and_float32_is_unchanged():
+    torch.manual_seed(0)
+    lin64 = nn.Linear(12, 7).double()
+    lr64 = LowRankLinear.from_dense(lin64, rank=3)
+    assert {lr64.U.dtype, lr64.S.dtype, lr64.V.dtype, lr64.bias.dtype} == {torch.float64}
+    P, sigma, Qh = torch.linalg.svd(lin64.weight.detach(), full_matrices=False)
+    torch.testing.assert_close(lr64.weight_matrix(), P[:, :3] @ torch.diag(sigma[:3]) @ Qh[:3], rtol=0, atol=1e-12)
+    conv64 = LowRankConv2d.from_dense(nn.Conv2d(3, 6, 3).double(), rank=2)
+    assert conv64(torch.randn(1, 3, 5, 5, dtype=torch.float64)).dtype == torch.float64
+    # float32: the factors are the float32 SVD's, bit for bit, and the plain mean uses float32 weights 1/m as before
+    lin32 = nn.Linear(12, 7)
+    lr32 = LowRankLinear.from_dense(lin32, rank=3)
+    P, sigma, Qh = torch.linalg.svd(lin32.weight.detach(), full_matrices=False)
+    assert lr32.U.dtype == torch.float32 and torch.equal(lr32.U, P[:, :3]) and torch.equal(lr32.V, Qh[:3].T)
+    msgs = [{"S": torch.randn(3, 3)} for _ in range(3)]
+    w = (torch.ones(3) / 3).tolist()
+    assert torch.equal(fedlrt.aggregate(msgs)["S"], sum(wc * m["S"] for wc, m in zip(w, msgs)))
+    msgs64 = [{k: v.double() for k, v in m.items()} for m in msgs]
+    torch.testing.assert_close(fedlrt.aggregate(msgs64)["S"], _mean(msgs64)["S"], rtol=0, atol=1e-15)

@@ -132,10 +132,17 @@ def truncate(U_tilde, S_tilde, V_tilde, tau: float, r_min: int = 1, r_max: int |
 
 
 def aggregate(messages: list[dict], weights=None) -> dict:
-    """Mean of the clients' messages, key by key; `weights` (e.g. sample counts) are normalised to sum 1."""
+    """Mean of the clients' messages, key by key; `weights` (e.g. sample counts) are normalised to sum 1.
+
+    The plain mean's weights 1/m are built in the messages' floating dtype (float32 for a float32
+    model, float64 for a float64 one), so a float64 run averages in float64; given weights are float64."""
     if not messages:
         raise ValueError("Invalid messages: empty list (need at least one client)")
-    w = torch.ones(len(messages)) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    dtype = torch.float32
+    for v in messages[0].values():
+        if v.is_floating_point():
+            dtype = torch.promote_types(dtype, v.dtype)
+    w = torch.ones(len(messages), dtype=dtype) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
     if len(w) != len(messages) or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"Invalid weights: {weights!r} (expected {len(messages)} non-negative numbers, not all 0)")
     w = (w / w.sum()).tolist()

@@ -27,8 +27,9 @@ from torch import nn
 from lrkit.fed import fedlrt, problems
 from lrkit.fed.fedlrt import key
 from lrkit.fed.layers import low_rank_layers
-from lrkit.fed.simulate import (COSTS, build_model, client_flops, combine, default_loss, dense_knobs, drive_round,
-                                evaluate, layer_dims, run_fedavg, run_fedlin, run_fedlrt, sample_participants)
+from lrkit.fed.simulate import (COSTS, build_model, check_faults, client_flops, combine, default_loss, dense_knobs,
+                                drive_round, evaluate, fault_fields, layer_dims, run_client_step, run_fedavg,
+                                run_fedlin, run_fedlrt, sample_participants)
 
 __all__ = ["DEFAULTS", "METHODS", "PROBLEMS", "resolve_config", "load_problem", "simulate", "run_flower",
            "make_server_app", "make_client_app", "server_app", "client_app"]
@@ -47,6 +48,10 @@ DEFAULTS = {
     "problem": "least_squares", "num_clients": 2,
     "n": 8, "rank": 2, "samples_per_client": 10, "heterogeneity": 0.5, "noise": 1.0,  # least_squares
     "train_size": 3000, "test_size": 1000, "alpha": 0.5, "hidden": 64,  # fashion_mnist (MLP, head dense)
+    # faults (lrkit.fed.simulate.drive_round): a client computing longer than client_timeout_s in a round is
+    # dropped from it (both engines; 0: no deadline); Flower waits at most round_timeout_s for the replies of
+    # a stage (0: for all of them); faults: a fault drill, JSON list of lrkit.fed.simulate.check_faults dicts
+    "client_timeout_s": 0.0, "round_timeout_s": 0.0, "faults": "",
     # where the ServerApp writes its run record (lrkit.records), "" for none
     "report_dir": "",
 }
@@ -67,7 +72,20 @@ def resolve_config(config: dict | None = None) -> dict:
     if not isinstance(cfg["num_clients"], int) or cfg["num_clients"] < 1:
         raise ValueError(f"Invalid num_clients: {cfg['num_clients']!r} (expected an int >= 1)")
     fedlrt.validate_knobs(**_knobs(cfg) | {"initial_rank": cfg["initial_rank"]})
+    for k in ("client_timeout_s", "round_timeout_s"):
+        if not (isinstance(cfg[k], (int, float)) and cfg[k] >= 0):
+            raise ValueError(f"Invalid {k}: {cfg[k]!r} (expected seconds >= 0; 0: no deadline)")
+    _faults(cfg)
     return cfg
+
+
+def _faults(cfg: dict) -> list:
+    """The config's fault drill, a JSON list (`lrkit.fed.simulate.check_faults`); [] for ""."""
+    try:
+        faults = json.loads(cfg["faults"]) if cfg["faults"] else []
+    except (TypeError, json.JSONDecodeError):
+        raise ValueError(f"Invalid faults: {cfg['faults']!r} (expected a JSON list of fault dicts, or \"\")") from None
+    return check_faults(faults)
 
 
 def _knobs(cfg: dict) -> dict:
@@ -131,7 +149,7 @@ def simulate(config: dict | None = None) -> dict:
     k = _knobs(cfg)
     common = dict(lr=k["lr"], local_steps=k["local_steps"], optimizer=k["optimizer"], batch_size=k["batch_size"],
                   seed=cfg["seed"], client_fraction=cfg["client_fraction"], weighted=bool(cfg["weighted"]),
-                  eval_data=p["eval_data"])
+                  eval_data=p["eval_data"], client_timeout_s=cfg["client_timeout_s"] or None, faults=_faults(cfg))
     if cfg["method"] == "fedavg":
         return run_fedavg(p["model_fn"], p["clients"], cfg["rounds"], **common)
     if cfg["method"] == "fedlin":
@@ -178,15 +196,17 @@ def make_client_app():
         t, name, c = int(msg.content["config"]["round"]), msg.content["config"]["stage"], partition(context)
         data = load_problem(cfg)["clients"][c]
         model, dims = _client_model(cfg_json, c)
-        st = context.state
-        if "round" not in st or st["round"]["round"] != t:  # a new round: forget the last one
-            st["round"], st["received"], st["own"] = ConfigRecord({"round": t}), ArrayRecord(), ArrayRecord()
+        st, attempt = context.state, int(msg.content["config"]["attempt"])
+        if "round" not in st or (st["round"]["round"], st["round"]["attempt"]) != (t, attempt):
+            # a new round, or the round restarted after a fault: forget what was held
+            st["round"], st["received"], st["own"] = (ConfigRecord({"round": t, "attempt": attempt}), ArrayRecord(),
+                                                      ArrayRecord())
         received = _tensors(st["received"]) | _tensors(msg.content["arrays"])
         own = _tensors(st["own"]) or None
         knobs = _knobs(cfg)
         t0 = time.perf_counter()
-        reply = fedlrt.client_step(name, model, received, own, data, default_loss(data[1]), knobs,
-                                   fedlrt.client_generator(cfg["seed"], t, c))
+        reply = run_client_step(_faults(cfg), c, t, name, model, received, own, data, default_loss(data[1]), knobs,
+                                fedlrt.client_generator(cfg["seed"], t, c), die=_die)
         wall = time.perf_counter() - t0
         flops = client_flops(name, dims, received, len(data[0]), knobs)
         st["received"] = _record(received)
@@ -210,18 +230,25 @@ def make_client_app():
     return app
 
 
-def _reply_content(replies) -> list:
-    out = []
-    for r in replies:
-        if r.has_error():
-            raise RuntimeError(f"Flower client failed: {r.error.reason}")
-        out.append(r.content)
-    return out
+def _die() -> None:
+    """The "die" fault drill on a real SuperNode: SIGKILL the process group the ClientApp runs in, i.e. its
+    SuperNode with the SuperNode's SuperExec and ClientApp processes (start a drilled SuperNode in a session
+    of its own, as tests/test_flower.py does, so nothing else shares the group)."""
+    import os
+    import signal
+
+    os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
 def make_server_app(config: dict | None = None, sink: dict | None = None):
     """The ServerApp. `config` None: read Flower's run config (`flwr run`, [tool.flwr.app.config]);
-    `sink`: a dict that receives {"history", "state"} at the end (in-process use, `run_flower`)."""
+    `sink`: a dict that receives {"history", "state"} at the end (in-process use, `run_flower`).
+
+    Faults: a client whose reply is a Flower error (its ClientApp raised, its node is unavailable), that
+    does not reply within round_timeout_s, or whose reply is non-finite or late (client_timeout_s) is left
+    out of the round by `drive_round`, exactly as in the simulator; the record lists it in dropped_clients.
+    A client that does not answer the evaluation (or that let a training stage of the round pass
+    round_timeout_s unanswered, so not asked) is left out of that round's global loss (eval_missing)."""
     from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.serverapp import Grid, ServerApp
 
@@ -237,31 +264,40 @@ def make_server_app(config: dict | None = None, sink: dict | None = None):
         knobs, cfg_json = _knobs(cfg), json.dumps(cfg)
         weights = [len(d[0]) for d in p["clients"]] if cfg["weighted"] else [1.0] * n_clients
         loss_fn = default_loss(p["clients"][0][1])
+        timeout = cfg["round_timeout_s"] or None
 
-        def send(clients, content_of, message_type, t):
-            msgs = [Message(content_of(c), dst_node_id=node[c], message_type=message_type, group_id=str(t))
-                    for c in clients]
-            replies = list(grid.send_and_receive(msgs))
-            by_node = {r.metadata.src_node_id: r for r in replies}
-            missing = [c for c in clients if node[c] not in by_node]
-            if missing:
-                raise RuntimeError(f"Flower clients {missing} did not reply to {message_type} in round {t}")
-            return _reply_content([by_node[node[c]] for c in clients])
+        def send(clients, content_of, message_type, t) -> dict:
+            """{client: reply content, or the reason it failed}, waiting at most round_timeout_s."""
+            msgs = {c: Message(content_of(c), dst_node_id=node[c], message_type=message_type, group_id=str(t))
+                    for c in clients}
+            replies = list(grid.send_and_receive(list(msgs.values()), timeout=timeout))
+            by_id = {r.metadata.reply_to_message_id: r for r in replies}  # error replies come from the SuperLink
+            out = {}
+            for c, m in msgs.items():
+                r = by_id.get(m.metadata.message_id)
+                out[c] = (f"no reply within round_timeout_s={timeout}" if r is None else
+                          f"Flower error {r.error.code}: {r.error.reason}" if r.has_error() else r.content)
+            return out
 
-        def config_record(t, stage=""):
-            return ConfigRecord({"round": t, "stage": stage, "config": cfg_json})
+        def config_record(t, stage="", attempt=0):
+            return ConfigRecord({"round": t, "stage": stage, "attempt": attempt, "config": cfg_json})
 
-        def record(t, state, participants, costs):
+        def record(t, state, participants, costs, dropped=()):
             arrays = _record(state)
-            res = send(range(n_clients), lambda c: RecordDict({"arrays": arrays, "config": config_record(t)}),
-                       "evaluate", t)
-            per_client = [(r["metrics"]["loss"], r["metrics"].get("accuracy")) for r in res]
-            loss, acc = combine(per_client, weights)
+            # a client that let a stage pass round_timeout_s unanswered is not waited for again this round
+            gone = {d["client"] for d in dropped if d["reason"].startswith("no reply")}
+            res = send([c for c in range(n_clients) if c not in gone],
+                       lambda c: RecordDict({"arrays": arrays, "config": config_record(t)}), "evaluate", t)
+            answered = [c for c in res if not isinstance(res[c], str)]
+            per_client = [(res[c]["metrics"]["loss"], res[c]["metrics"].get("accuracy")) for c in answered]
+            loss, acc = combine(per_client, [weights[c] for c in answered]) if answered else (float("nan"), None)
             rec = {"round": t, "loss": loss, "accuracy": acc,
                    "ranks": {n: state[key(n, "S")].shape[0] for n in bounds}, "clients": participants}
+            if len(answered) < n_clients:
+                rec["eval_missing"] = [c for c in range(n_clients) if c not in answered]
             if p["eval_data"] is not None:  # the server's own test set, as in the simulator
                 rec["test_loss"], rec["test_accuracy"] = evaluate(model, state, p["eval_data"], loss_fn)
-            return rec | (costs or {k: {} for k in COSTS})
+            return rec | (costs or {k: {} for k in COSTS}) | fault_fields(dropped, len(participants))
 
         state = fedlrt.global_state(model)
         pick = torch.Generator().manual_seed(cfg["seed"])
@@ -270,15 +306,19 @@ def make_server_app(config: dict | None = None, sink: dict | None = None):
             participants = sample_participants(n_clients, cfg["client_fraction"], pick)
             w = [weights[c] for c in participants] if cfg["weighted"] else None
 
-            def exchange(stage, delivered):  # the broadcast is the same for every participant: serialise once
-                arrays = _record(delivered[participants[0]])
-                res = send(participants, lambda c: RecordDict({"arrays": arrays, "config": config_record(t, stage)}),
+            def exchange(stage, delivered, attempt):  # the broadcast is the same for every client: serialise once
+                arrays = _record(next(iter(delivered.values())))
+                res = send(list(delivered), lambda c: RecordDict({"arrays": arrays,
+                                                                  "config": config_record(t, stage, attempt)}),
                            f"train.{stage}", t)
-                return {c: (_tensors(r["arrays"]), int(r["metrics"]["flops"]), float(r["metrics"]["wall_time"]))
-                        for c, r in zip(participants, res)}
+                return {c: r if isinstance(r, str) else
+                        (_tensors(r["arrays"]), int(r["metrics"]["flops"]), float(r["metrics"]["wall_time"]))
+                        for c, r in res.items()}
 
-            state, costs = drive_round(state, bounds, knobs, w, participants, exchange)
-            history.append(record(t, state, participants, costs))
+            new, costs, dropped = drive_round(state, bounds, knobs, w, participants, exchange,
+                                              cfg["client_timeout_s"] or None)
+            state = state if new is None else new  # no valid reply: the round is skipped
+            history.append(record(t, state, participants, costs, dropped))
         result = {"history": history, "state": state}
         if sink is not None:
             sink.update(result)
@@ -292,26 +332,29 @@ def make_server_app(config: dict | None = None, sink: dict | None = None):
 
 
 def _partitions(grid, n_clients: int, timeout_s: float = 120.0) -> dict:
-    """Ask every connected node for its partition id; wait until all n_clients partitions are there."""
+    """Ask the connected nodes for their partition ids until partitions 0..n_clients-1 all have a node
+    (extra nodes are left idle; a node that does not answer is asked again while time is left; each message
+    may start a ClientApp process on the node, seconds under load)."""
     from flwr.app import Message, RecordDict
 
-    t0 = time.monotonic()
+    t0, part, asked = time.monotonic(), {}, set()
     while True:
-        nodes = list(grid.get_node_ids())
-        if len(nodes) >= n_clients:
-            break
+        new = [n for n in grid.get_node_ids() if n not in asked]
+        if new:
+            replies = list(grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type="query.info")
+                                                  for n in new],
+                                                 timeout=max(1.0, timeout_s - (time.monotonic() - t0))))
+            for r in replies:
+                if not r.has_error():
+                    part.setdefault(int(r.content["info"]["partition-id"]), r.metadata.src_node_id)
+                    asked.add(r.metadata.src_node_id)
+        missing = sorted(set(range(n_clients)) - set(part))
+        if not missing:
+            return {c: part[c] for c in range(n_clients)}
         if time.monotonic() - t0 > timeout_s:
-            raise RuntimeError(f"Only {len(nodes)} of num_clients={n_clients} SuperNodes connected after "
-                               f"{timeout_s:.0f} s")
+            raise RuntimeError(f"No SuperNode holds partitions {missing} of num_clients={n_clients} after "
+                               f"{timeout_s:.0f} s (got partition ids {sorted(part)})")
         time.sleep(1.0)
-    replies = list(grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type="query.info")
-                                          for n in nodes]))
-    part = {int(r.content["info"]["partition-id"]): r.metadata.src_node_id for r in replies if not r.has_error()}
-    missing = sorted(set(range(n_clients)) - set(part))
-    if missing:
-        raise RuntimeError(f"No SuperNode holds partitions {missing} of num_clients={n_clients} "
-                           f"(got partition ids {sorted(part)})")
-    return part
 
 
 def run_flower(config: dict | None = None, backend_config: dict | None = None) -> dict:
@@ -320,6 +363,9 @@ def run_flower(config: dict | None = None, backend_config: dict | None = None) -
     from flwr.simulation import run_simulation
 
     cfg = resolve_config(config)
+    if any(f["kind"] == "die" for f in _faults(cfg)):
+        raise ValueError("Invalid faults: kind 'die' kills the client's process group (real SuperNodes, `flwr run`), "
+                         "not a simulation engine's worker (expected raise, nan, inf or slow here)")
     sink: dict = {}
     backend_config = backend_config or {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                         "init_args": {"num_cpus": 1, "include_dashboard": False}}

@@ -49,8 +49,10 @@ class _LowRankMixin:
             # have ||W||_F^2 ~ n_out / 3), spread evenly over the r singular values.
             S = torch.eye(rank) * math.sqrt(self.n_out / (3 * rank))
         else:  # best rank-r approximation (Eckart-Young): truncated SVD of the dense weight
-            P, sigma, Qh = torch.linalg.svd(W.detach().float(), full_matrices=False)
-            U, S, V = P[:, :rank], torch.diag(sigma[:rank]), Qh[:rank].T
+            # in W's dtype (at least float32 for the SVD), so the factors match the layer's bias and input
+            P, sigma, Qh = torch.linalg.svd(W.detach().to(torch.promote_types(W.dtype, torch.float32)),
+                                            full_matrices=False)
+            U, S, V = (t.to(W.dtype) for t in (P[:, :rank], torch.diag(sigma[:rank]), Qh[:rank].T))
         self.register_buffer("U", U.contiguous())
         self.register_buffer("V", V.contiguous())
         self.S = nn.Parameter(S.contiguous())
@@ -84,7 +86,7 @@ class LowRankLinear(_LowRankMixin, nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.n_out, self.n_in = out_features, in_features
         self._init_factors(rank, r_min, r_max, seed, _W)
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=self.S.dtype)) if bias else None
 
     @classmethod
     def from_dense(cls, layer: nn.Linear, rank: int, r_min=1, r_max=None) -> "LowRankLinear":
@@ -115,7 +117,7 @@ class LowRankConv2d(_LowRankMixin, nn.Module):
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.n_out, self.n_in = out_channels, in_channels * kh * kw
         self._init_factors(rank, r_min, r_max, seed, None if _W is None else _W.reshape(out_channels, -1))
-        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.bias = nn.Parameter(torch.zeros(out_channels, dtype=self.S.dtype)) if bias else None
 
     @classmethod
     def from_dense(cls, layer: nn.Conv2d, rank: int, r_min=1, r_max=None) -> "LowRankConv2d":
