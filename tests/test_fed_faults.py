@@ -1,7 +1,7 @@
 """Federated faults in the simulator (lrkit/fed/simulate.py, `drive_round`): a client that raises, replies NaN or Inf,
 or computes past the round's deadline is left out of that round, the event is recorded, and training goes on; a round
 with no valid reply is skipped. Each round with a fault is checked against the algebra: it equals a FeDLRT round
-(METHODS.md steps 1-7, written out below from the pure steps of lrkit/fed/fedlrt.py) run with only the valid
+(docs/methods.md, section 3, steps 1-7, written out below from the pure steps of lrkit/fed/fedlrt.py) run with only the valid
 clients, with the aggregation weights renormalised over them. The Flower engine's faults are in tests/test_flower.py."""
 import math
 
@@ -32,7 +32,7 @@ def _model_fn():
 
 
 def _reference_round(state, clients, variance_correction, weighted, tau=KNOBS["tau"]):
-    """One FeDLRT round (dynamic rank, full-batch SGD) over `clients` only, straight from METHODS.md's steps."""
+    """One FeDLRT round (dynamic rank, full-batch SGD) over `clients` only, straight from docs/methods.md, section 3."""
     model = build_model(_model_fn, 0, KNOBS["initial_rank"])
     layers = {"": (1, None)}
     loss = nn.functional.mse_loss

@@ -1,5 +1,5 @@
 """FeDLRT core (lrkit/fed): augment/truncate algebra, exactness against a centralised reference,
-communication accounting against METHODS.md section 3, partitions, determinism, and the least-squares
+communication accounting against docs/methods.md, section 3, partitions, determinism, and the least-squares
 variance-correction experiment of arXiv 2406.17887 Sec. 4.1 at a tiny size."""
 import numpy as np
 import pytest
@@ -461,7 +461,7 @@ def _mean(messages):
 
 
 def _float64_reference(model, state, clients, rounds, lr, local_steps, tau):
-    """FeDLRT rounds (full correction, dynamic rank, plain mean) from METHODS.md's steps, all in float64."""
+    """FeDLRT rounds (full correction, dynamic rank, plain mean) from the steps of docs/methods.md, section 3, all in float64."""
     loss, layers = nn.functional.mse_loss, {"": (1, None)}
     for _ in range(rounds):
         bars = fedlrt.server_augment(state, _mean([fedlrt.client_basis_gradients(model, state, d, loss)

@@ -1,5 +1,5 @@
 """FeDLRT client and server steps as pure tensor functions (Schotthoefer & Laiu, arXiv 2406.17887, Sec. 3,
-Algorithm 1; the kit's reading is METHODS.md section 3 (the team's algorithm reference), whose step numbers are cited below).
+Algorithm 1; the kit's reading is docs/methods.md, section 3, whose step numbers are cited below).
 
 One round for every factorised layer W = U S V^T (U: n_out x r, V: n_in x r orthonormal, S: r x r):
   1. server -> clients: U, S, V                                    (`global_state`)
@@ -13,12 +13,13 @@ One round for every factorised layer W = U S V^T (U: n_out x r, V: n_in x r orth
   7. server: S_tilde = mean_c S_tilde_c, SVD, keep the smallest rank r1 with
      ||sigma[r1:]||_2 <= tau ||sigma||_2, clamped to [r_min, r_max] (`truncate`).
 With dynamic_rank=False steps 2-4 and 7's SVD are skipped: clients train S (r x r) in the fixed bases
-and the server averages it (the paper's "fixed rank" ablation).
+and the server averages it (the "frozen basis" arm of the dynamic-rank ablation; its "fixed rank" arm keeps
+augmentation with r_min = r_max = r, docs/methods.md, section 3).
 
 Messages are flat dicts {str: tensor}, keyed "<layer>.<symbol>" ("fc1.U_bar", "fc1.G_S_tilde") or
 "<param>" / "<param>.grad" for the dense parameters (biases, layers kept dense), so a Flower
 ServerApp/ClientApp can carry them unchanged. Dense parameters are trained alongside S_tilde, averaged
-by the server and variance-corrected like the coefficients (METHODS.md is silent on them; this is the
+by the server and variance-corrected like the coefficients (the paper is silent on them; docs/methods.md, section 3, departure 7; this is the
 kit's choice, the FedAvg/FedLin treatment of full weights).
 """
 from __future__ import annotations
@@ -84,7 +85,7 @@ def validate_knobs(variance_correction="full", dynamic_rank=True, initial_rank=N
 
 
 # ----------------------------------------------------------------------------------------------------
-# the linear algebra of one layer (METHODS.md steps 3, 4, 7)
+# the linear algebra of one layer (docs/methods.md, section 3, steps 3, 4, 7)
 
 def augment(U: torch.Tensor, G_U: torch.Tensor) -> torch.Tensor:
     """Step 3: U_bar, the orthonormal directions of QR([U | G_U]) orthogonal to span(U).
@@ -118,7 +119,7 @@ def truncate(U_tilde, S_tilde, V_tilde, tau: float, r_min: int = 1, r_max: int |
     U = U_tilde P[:, :r1], S = diag(sigma[:r1]), V = V_tilde Q[:, :r1].
 
     tau = 0 keeps every nonzero singular value, so W = U S V^T is unchanged (up to rounding) unless
-    r_max binds. (The author's RobustDLRT code uses a strict '<'; '<=' is METHODS.md's wording.)
+    r_max binds. (The author's RobustDLRT code uses a strict '<'; '<=' is the kit's, docs/methods.md, section 3, departure 1.)
     """
     if not torch.isfinite(S_tilde).all():
         raise Diverged("Invalid S_tilde: non-finite entries (training diverged; lower lr or local_steps)")
@@ -266,7 +267,7 @@ def client_basis_gradients(model, message, data, loss_fn, with_coefficients=Fals
     """Step 2: G_U,c and G_V,c at U S V^T on the client's data.
 
     with_coefficients=True also returns "<layer>.G_S" and "<param>.grad" (the "simplified" variance
-    correction piggybacks them on this message; METHODS.md step 5).
+    correction piggybacks them on this message; docs/methods.md, section 3, step 5).
     """
     layers, dense = list(low_rank_layers(model)), dense_names(model)
     wrt = [key(n, s) for n in layers for s in "UV"]

@@ -438,12 +438,12 @@ def run_fedlrt(model_fn, clients_data, rounds, *, lr=0.1, local_steps=1, varianc
                dynamic_rank=True, initial_rank=None, tau=0.1, r_min=None, r_max=None, exclude=(),
                optimizer="sgd", batch_size=None, loss_fn=None, seed=0, client_fraction=1.0, weighted=False,
                eval_data=None, device=None, chunk_size=None, client_timeout_s=None, faults=None) -> dict:
-    """FeDLRT (METHODS.md section 3). The model is `build_model(model_fn, seed, initial_rank, r_min,
+    """FeDLRT (docs/methods.md, section 3). The model is `build_model(model_fn, seed, initial_rank, r_min,
     r_max, exclude)`: a dense model_fn() is factorised at initial_rank, the layers in `exclude` kept dense.
     clients_data is a list of (X, y) tensors. batch_size=None: every local step uses the client's whole
     local data (deterministic gradient descent, as in the paper's analysis). weighted=True weights the
-    aggregation and the global loss by client sample counts, else the plain mean of METHODS.md.
-    variance_correction: "full" (METHODS.md step 5), "simplified" (the kit's reading: correction on the
+    aggregation and the global loss by client sample counts, else the plain mean.
+    variance_correction: "full" (docs/methods.md, section 3, step 5), "simplified" (the kit's reading: correction on the
     r x r block only, from dL_c/dS sent with the basis gradients), or "none". device: where the model and
     the data live ("cpu" when None; "cuda" for the gpu profile); the accounting does not depend on it.
     chunk_size: samples per forward pass when a gradient or an evaluation covers all local data (memory
