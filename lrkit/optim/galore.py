@@ -195,7 +195,7 @@ class GaLoreAdamW(Optimizer):
         self._generator = torch.Generator()  # CPU: the same draws whatever the parameters' device
         self._warned_full_rank = False
         self.projector_time_s = 0.0  # wall time spent computing projectors (SVD etc.): the switching overhead
-        self._buffers = None  # during step(): one full-size fp32 buffer per (shape, device) for project_back
+        self._buffers = None  # during step(): fp32 scratch tensors by (use, shape, device), see _buffer
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group):
@@ -238,14 +238,16 @@ class GaLoreAdamW(Optimizer):
             self._buffers = None
         return loss
 
-    def _buffer(self, p):
-        # a full-size fp32 scratch tensor shared by the step's weights of one shape; None outside step()
-        # (per-layer hooks) or where the update must outlive the next weight (non-fp32 parameters copy it)
+    def _buffer(self, use, like):
+        # an fp32 scratch tensor of like's shape, shared by the step's weights of that shape, for one use
+        # ("update": project_back's output, "denom": sqrt(V) + eps then M / it): the same arithmetic as
+        # fresh tensors without allocating (and page-faulting) two or three of them per weight and step.
+        # None outside step() (per-layer hooks update one weight at a time and keep no buffers).
         if self._buffers is None:
             return None
-        key = (tuple(p.shape), p.device)
+        key = (use, tuple(like.shape), like.device)
         if key not in self._buffers:
-            self._buffers[key] = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+            self._buffers[key] = torch.empty(like.shape, dtype=torch.float32, device=like.device)
         return self._buffers[key]
 
     def _update(self, p, group, index, grad=None):
@@ -274,14 +276,15 @@ class GaLoreAdamW(Optimizer):
         if m is not exp_avg:
             exp_avg.copy_(m)
             exp_avg_sq.copy_(v)
-        denom = v.sqrt().add_(group["eps"])
+        buf = self._buffer("denom", v)
+        denom = (v.sqrt() if buf is None else torch.sqrt(v, out=buf)).add_(group["eps"])
         step_size = group["lr"]
         if group["correct_bias"]:  # HF-style: bias correction folded into the step size
             t = state["moment_step"]
             step_size = step_size * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
-        norm_grad = m / denom
+        norm_grad = m / denom if buf is None else torch.div(m, denom, out=denom)
         if projected:
-            norm_grad = project_back(norm_grad, *self._projectors(state), group["scale"], out=self._buffer(p))
+            norm_grad = project_back(norm_grad, *self._projectors(state), group["scale"], out=self._buffer("update", p))
         p.add_(norm_grad.to(p.dtype), alpha=-step_size)
         if group["weight_decay"] > 0.0:  # galore-torch: decay the *updated* weight, with the base lr
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
