@@ -299,6 +299,11 @@ def build_readme(profile: str = "cpu") -> Path:
         if summ.get("headline"):
             lines += ["", f"![{key}]({rel}/{summ['headline']})"]
         lines.append("")
+    from lrkit.bench import readme_section  # `make bench`'s committed records, with their hardware
+
+    bench = readme_section()
+    if bench:
+        lines += ["## Benchmarks (`make bench`)", "", *bench, ""]
     path = REPORTS_DIR / "README.md"
     atomic_write_bytes(path, "\n".join(lines).encode())
     print(f"wrote {path}")

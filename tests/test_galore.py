@@ -553,3 +553,20 @@ def test_8bit_trains_on_cuda():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_8bit_galore_builds_its_bitsandbytes_base_by_keyword():
+    """galore-torch 1.0 passes percentile_clipping=100 and block_wise=True by position into bitsandbytes'
+    max_unorm and skip_zeros slots; the kit's class must leave them at bitsandbytes' defaults (built on
+    CPU here: the slots are set at construction, the 8-bit kernels need CUDA only at step())."""
+    pytest.importorskip("bitsandbytes")
+    from galore_torch import GaLoreAdamW8bit as Official
+
+    from lrkit.optim.galore import _keyword_adamw8bit_class
+
+    params = [torch.nn.Parameter(torch.zeros(64, 64))]
+    ours = _keyword_adamw8bit_class()(params, lr=1e-2)
+    theirs = Official([torch.nn.Parameter(torch.zeros(64, 64))], lr=1e-2)
+    assert (theirs.args.max_unorm, theirs.args.skip_zeros) == (100, True)  # the official slip, as documented
+    assert (ours.args.max_unorm, ours.args.skip_zeros, ours.args.optim_bits) == (0.0, False, 8)
+    assert ours.param_groups[0]["lr"] == 1e-2 and ours.param_groups[0]["weight_decay"] == 1e-2

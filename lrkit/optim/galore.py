@@ -3,7 +3,7 @@
 Implements the paper's Algorithm 2 ("Adam with GaLore") with the "composition of low-rank subspaces"
 of Sec. 4 (a projector refreshed every T = update_proj_gap steps), and the per-layer weight updates
 and 8-bit states the paper combines it with. By default it follows the official code step for step
-(github jiaweizzhao/GaLore, PyPI galore-torch 1.0); see METHODS.md section 1 (the team's algorithm reference).
+(github jiaweizzhao/GaLore, PyPI galore-torch 1.0); see docs/methods.md, section 1 (the kit's algorithm reference).
 Knobs beyond the official code (all param-group keys):
   proj_method        "svd" | "randomized_svd" | "random" | "online_pca" (Online Subspace Descent,
                      arXiv 2408.12857)
@@ -415,20 +415,42 @@ class PerLayerGaLore(InBackwardOptimizer, GaLoreAdamW):
         self.remove_hooks()
 
 
-def GaLoreAdamW8bit(params, **kwargs):
-    """8-bit Adam states through bitsandbytes, CUDA only: a thin path to galore_torch.GaLoreAdamW8bit.
+def _keyword_adamw8bit_class():
+    """galore-torch 1.0's 8-bit GaLore AdamW with its bitsandbytes base called by keyword.
 
-    It is the official optimizer (its defaults: eps 1e-8, weight_decay 1e-2), so none of this module's
+    galore-torch's ``AdamW8bit.__init__`` passes its arguments to bitsandbytes' ``Optimizer2State`` by
+    position; in bitsandbytes >= 0.45 the slots after ``min_8bit_size`` are ``max_unorm, skip_zeros``, so its
+    ``percentile_clipping=100`` becomes an update-norm cap of 100 and ``block_wise=True`` turns on
+    ``skip_zeros``. This subclass keeps galore-torch's GaLore step and states and builds the base by keyword
+    (no update-norm cap, zeros not skipped: bitsandbytes' AdamW8bit defaults)."""
+    from bitsandbytes.optim.optimizer import Optimizer2State
+    from galore_torch import GaLoreAdamW8bit as _Official
+
+    class KeywordGaLoreAdamW8bit(_Official):
+        def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, min_8bit_size=4096,
+                     is_paged=False):
+            Optimizer2State.__init__(self, "adam", params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                     optim_bits=8, min_8bit_size=min_8bit_size, is_paged=is_paged)
+
+    return KeywordGaLoreAdamW8bit
+
+
+def GaLoreAdamW8bit(params, **kwargs):
+    """8-bit Adam states through bitsandbytes, CUDA only: galore-torch 1.0's GaLoreAdamW8bit with its
+    bitsandbytes base built by keyword (see :func:`_keyword_adamw8bit_class`; galore-torch's positional call
+    puts two arguments in the wrong slots).
+
+    Its GaLore step is the official one (defaults: eps 1e-8, weight_decay 1e-2), so none of this module's
     extra keys apply and its state holds projector objects (no weights_only checkpoints).
     """
     if not torch.cuda.is_available():
         raise RuntimeError("GaLoreAdamW8bit needs a CUDA device (bitsandbytes' 8-bit Adam kernels); "
                            "use GaLoreAdamW on CPU.")
     try:
-        from galore_torch import GaLoreAdamW8bit as _Official
+        cls = _keyword_adamw8bit_class()
     except ImportError as e:
         raise ImportError("GaLoreAdamW8bit needs bitsandbytes and galore-torch==1.0 installed") from e
-    return _Official(params, **kwargs)
+    return cls(params, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ memory
