@@ -104,8 +104,11 @@ def test_check_reports_compares_computed_metrics_exactly_and_only_lists_measured
                                                                "wall_time": 7.0}}}}))
     assert reports.check_reports("cpu")
     out = capsys.readouterr().out
-    assert "OK: 2/2 computed metrics identical; 2 measured figures listed" in out and "1.80" in out
-    # a computed metric off in the 7th digit is a difference
+    assert "OK: 2/2 computed metrics within rtol=1e-09; 2 measured figures listed" in out and "1.80" in out
+    # a computed metric off in the 8th digit is a difference; last-bit noise is not
+    rel.write_text(json.dumps({"runs": {"a | seed 0": {"final": {**run["final"], "val_loss": 3.25 * (1 + 4e-16)}}}}))
+    assert reports.check_reports("cpu")
+    capsys.readouterr()
     rel.write_text(json.dumps({"runs": {"a | seed 0": {"final": {**run["final"], "val_loss": 3.2500001}}}}))
     assert not reports.check_reports("cpu")
     assert "DIFFERS: 1/2" in capsys.readouterr().out
