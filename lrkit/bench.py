@@ -92,12 +92,16 @@ def build_optimizer(name, model, rank, update_proj_gap=NO_REFRESH):
         return model, OfficialAdaLomo(model)
     if name == "adamw (torch)":
         return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
-    if name == "galore-torch":
-        from galore_torch import GaLoreAdamW as Official
-
+    if name in ("galore-torch", "galore-torch 8-bit"):
         ids = {id(m.weight) for m in block_linears(model).values()}
         groups = [{"params": [p for p in model.parameters() if id(p) not in ids]},
                   {"params": [p for p in model.parameters() if id(p) in ids], "proj_type": "std", **galore}]
+        if name == "galore-torch 8-bit":  # CUDA only: bitsandbytes' 8-bit kernels
+            from lrkit.optim import GaLoreAdamW8bit
+
+            return model, GaLoreAdamW8bit(groups, lr=1e-2)
+        from galore_torch import GaLoreAdamW as Official
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # its HF AdamW deprecation notice
             return model, Official(groups, lr=1e-2)
@@ -109,11 +113,6 @@ def build_optimizer(name, model, rank, update_proj_gap=NO_REFRESH):
           "adafactor": dict(method="adafactor", lr=1e-3)}[name]
     p = prepare(model=model, **kw)
     return p.model, p.optimizer
-
-
-def _official_galore(model, rank):
-    """galore-torch's GaLoreAdamW on the block linears (T = 200, scale 0.25); used by lrkit.gpu_check too."""
-    return build_optimizer("galore-torch", model, rank, 200)[1]
 
 
 def bench_one(name, build_optimizer, size, vocab, batch_size, seq_len, steps, warmup, device,

@@ -57,33 +57,14 @@ class OfficialAdaLomo:
 
 def optimizers(cuda: bool) -> dict:
     """{name: build(model) -> (model, optimizer)} or {name: reason skipped}."""
-    from lrkit.bench import _official_galore
-    from lrkit.methods import block_linears, prepare
+    from lrkit.bench import build_optimizer
 
-    def kit(**kw):
-        return lambda model: (lambda p: (p.model, p.optimizer))(prepare(model=model, **kw))
-
-    def galore_8bit(model):
-        from lrkit.optim import GaLoreAdamW8bit
-
-        ids = {id(m.weight) for m in block_linears(model).values()}
-        groups = [{"params": [p for p in model.parameters() if id(p) not in ids]},
-                  {"params": [p for p in model.parameters() if id(p) in ids], "rank": 128, "update_proj_gap": 200,
-                   "scale": 0.25, "proj_type": "std"}]
-        return model, GaLoreAdamW8bit(groups, lr=1e-2)
-
-    out = {"adamw": kit(method="full", lr=1e-3),
-           "galore (kit)": kit(method="galore", lr=1e-2, rank=128, update_proj_gap=200),
-           "galore per-layer (kit)": kit(method="galore", lr=1e-2, rank=128, update_proj_gap=200, per_layer=True),
-           "galore (galore-torch 1.0)": lambda model: (model, _official_galore(model, 128)),
-           "adalomo (kit)": kit(method="adalomo", lr=1e-3),
-           "lomo (kit)": kit(method="lomo", lr=1e-2)}
-    if cuda:
-        out["galore 8-bit (galore-torch + bitsandbytes)"] = galore_8bit
-        out["adalomo (lomo-optim 0.1.1)"] = lambda model: (model, OfficialAdaLomo(model))
-    else:
-        out["galore 8-bit (galore-torch + bitsandbytes)"] = "skipped: bitsandbytes' 8-bit Adam kernels need CUDA"
-        out["adalomo (lomo-optim 0.1.1)"] = "skipped: lomo-optim hard-codes .cuda()"
+    names = ("adamw (torch)", "galore", "galore per-layer", "galore-torch", "adalomo fused", "lomo")
+    names += ("galore-torch 8-bit", "adalomo (lomo-optim)") if cuda else ()
+    out = {n: (lambda model, n=n: build_optimizer(n, model, rank=128, update_proj_gap=200)) for n in names}
+    if not cuda:
+        out["galore-torch 8-bit"] = "skipped: bitsandbytes' 8-bit Adam kernels need CUDA"
+        out["adalomo (lomo-optim)"] = "skipped: lomo-optim hard-codes .cuda()"
     return out
 
 

@@ -134,6 +134,12 @@ def backward_and_clip(loss, model, optimizer, grad_clip) -> None:
         optimizer.backward(loss)
         return
     loss.backward()
+    check_and_clip(model, grad_clip)
+
+
+def check_and_clip(model, grad_clip) -> None:
+    """After the step's last backward of a step()-based optimizer: every gradient finite, then global-norm
+    clipping to ``grad_clip`` (None: no clipping)."""
     check_gradients(model)
     if grad_clip:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
@@ -193,15 +199,20 @@ class Checkpoint:
             raise RuntimeError(f"Invalid checkpoint {self.path}: {type(e).__name__}: {e} (delete it to start over)") from e
 
     def save(self, state: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".last.pt.")
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_torch_save(state, self.path)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: readers see the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _rng_states(gen: torch.Generator) -> dict:
@@ -381,9 +392,7 @@ def accumulate(model, optimizer, batch, cfg: LMTrainConfig, device) -> float:
                 loss.backward()
         total += loss.item()
     if not getattr(optimizer, "updates_in_backward", False):
-        check_gradients(model)
-    if cfg.grad_clip and not getattr(optimizer, "updates_in_backward", False):
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.grad_clip)
+        check_and_clip(model, cfg.grad_clip)
     return total
 
 
@@ -458,10 +467,7 @@ def run_recipe(recipe: dict, out=None) -> RunResult:
                       checkpoint_every=recipe.get("checkpoint_every", 0))
     if distributed.is_main():
         records.save_run(out, result)
-        buf = tempfile.NamedTemporaryFile(dir=out, prefix=".model.pt.", delete=False)
-        buf.close()
-        torch.save(prep.model.state_dict(), buf.name)
-        os.replace(buf.name, out / "model.pt")
+        atomic_torch_save(prep.model.state_dict(), out / "model.pt")
         print(f"[{name}] {result.final['steps']} steps, val loss {result.final['val_loss']} -> {out}", flush=True)
     return result
 
