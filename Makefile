@@ -17,7 +17,7 @@ export OMP_NUM_THREADS ?= 1
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
 
-.PHONY: help setup lock data test unit nbval reproduce tune seed-check index readme check-reports bench gpu-check lab strip clean
+.PHONY: help setup lock data test unit nbval mutants reproduce tune seed-check index readme check-reports bench gpu-check lab strip clean
 help:
 	@echo "make reproduce [PROFILE=smoke|cpu|gpu|paper]  run every notebook, write reports/ (default: gpu if CUDA, else cpu)"
 	@echo "make test                                     unit tests + nbval over every notebook at smoke size"
@@ -27,6 +27,7 @@ help:
 	@echo "make tune [PROFILE=...]                      run each paper's learning-rate sweep (notebooks/*/tuning.ipynb)"
 	@echo "make seed-check NB=notebooks/x/y.ipynb SEEDS=5,6,7  rerun with other seeds, compare the verdicts"
 	@echo "make check-reports                            diff fresh cpu results against the committed reference"
+	@echo "make mutants                                  break the code on purpose (tests/mutants/*.yaml), check each guarding test fails"
 	@echo "make bench                                    tokens/s and memory of every optimizer on this machine"
 	@echo "make gpu-check [DRY_RUN=1]                    on a GPU: CUDA tests, bf16 memory/throughput -> reports/gpu-check/"
 
@@ -70,6 +71,9 @@ unit: setup data
 	$(PY) -m pytest -q tests
 nbval: setup data
 	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env --nbval-cell-timeout=600 notebooks
+# Tests that can fail: each mutant in tests/mutants/*.yaml breaks the code once; its test must then fail.
+mutants: setup data
+	$(PY) tests/run_mutants.py
 
 # ---- reproduce: one target per notebook, so `make -j2 reproduce` runs two at a time
 # The longest notebooks (cpu run times in the folder READMEs) start first, so `-j` ends with short ones.
