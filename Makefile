@@ -20,6 +20,7 @@ JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 .PHONY: help setup lock data test unit nbval mutants reproduce tune seed-check index readme check-reports bench gpu-check lab strip clean
 help:
 	@echo "make reproduce [PROFILE=smoke|cpu|gpu|paper]  run every notebook, write reports/ (default: gpu if CUDA, else cpu)"
+	@echo "                                              reruns only missing or stale results; FORCE=1 reruns all"
 	@echo "make test                                     unit tests + nbval over every notebook at smoke size"
 	@echo "make lab                                      JupyterLab on notebooks/"
 	@echo "make data                                     fetch and verify every offline dataset into data/"
@@ -78,14 +79,17 @@ mutants: setup data
 # ---- reproduce: one target per notebook, so `make -j2 reproduce` runs two at a time
 # The longest notebooks (cpu run times in the folder READMEs) start first, so `-j` ends with short ones.
 LONGEST := $(foreach n,galore/galore galore/ablation_rank getting_started galore/ablation_lora,$(filter notebooks/$(n).ipynb,$(NOTEBOOKS)))
+# Only notebooks whose results are missing or stale run (lrkit.reports --if-stale: the notebook, its configs,
+# the tuned rates it read, the lrkit code its kernel imported or the lock changed since this checkout ran it);
+# FORCE=1 reruns all. `make -j4 reproduce` runs four at a time (the default: JOBS, one per core).
 reproduce: setup data
-	$(MAKE) --no-print-directory -j $(JOBS) $(addprefix run/,$(LONGEST) $(filter-out $(LONGEST),$(NOTEBOOKS)))
+	$(MAKE) --no-print-directory $(if $(filter -j%,$(MAKEFLAGS)),,-j $(JOBS)) $(addprefix run/,$(LONGEST) $(filter-out $(LONGEST),$(NOTEBOOKS)))
 	$(PY) -m lrkit.reports index --profile $(PROFILE)
 	@if [ "$$($(PY) -c 'from lrkit.reports import profile_settings as p; print(p("$(PROFILE)")["name"])')" = cpu ]; then $(PY) -m lrkit.reports readme; fi
 readme: setup
 	$(PY) -m lrkit.reports readme
 run/%: setup
-	$(PY) -m lrkit.reports run $* --profile $(PROFILE)
+	$(PY) -m lrkit.reports run $* --profile $(PROFILE) $(if $(FORCE),,--if-stale)
 # Each paper's tuning notebook chooses the learning rates the folder's other notebooks read: it runs first.
 TUNING := $(filter %/tuning.ipynb,$(NOTEBOOKS))
 $(foreach t,$(TUNING),$(eval $(addprefix run/,$(filter-out $(t),$(filter $(dir $(t))%,$(NOTEBOOKS)))): run/$(t)))

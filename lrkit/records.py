@@ -4,19 +4,22 @@ Layout: ``reports/<paper>/<notebook>/<profile>/metrics.json`` (the notebook path
 mirrored), beside the notebook's figures. One file per notebook holds all of its runs::
 
     {"notebook", "profile", "runs": {name: {config, seed, device, device_name, torch, git_commit, lock_sha256,
-     history: [{step, ...}], final: {...}, wall_time_s, memory: {...}}}, "summary": {...}}
+     history: [{step, ...}], final: {...}, wall_time_s, memory: {...}}}, "summary": {...},
+     "code": {lrkit source file: sha256}, "execution": {profile, wall_time_s, device, inputs, ...}}
 
 Notebooks call :func:`save_run`, :func:`save_summary` and :func:`savefig`; they never write JSON by hand.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import math
 import platform
 import re
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -92,7 +95,7 @@ def save_execution(out_dir: str | Path, **info) -> Path:
     out_dir = Path(out_dir)
     doc = _read(out_dir)
     doc["execution"] = info
-    return _write(out_dir, doc)
+    return _write(out_dir, doc, code=False)
 
 
 def load(out_dir: str | Path) -> dict:
@@ -150,8 +153,30 @@ def _profile_of(dirname: str) -> str:
     return m.group(1) if m else dirname
 
 
-def _write(out_dir: Path, doc: dict) -> Path:
+_CODE_SEEN: dict[str, str] = {}
+
+
+def loaded_code() -> dict[str, str]:
+    """sha256 of every lrkit source file this process has imported ({"lrkit/optim/galore.py": hex}): the package
+    code a notebook's results came from; ``make reproduce`` reruns a notebook when one of them changes. Each
+    file is hashed when first seen (an edit during a long run shows as a change afterwards)."""
+    pkg = REPO_ROOT / "lrkit"
+    for mod in list(sys.modules.values()):
+        f = getattr(mod, "__file__", None)
+        if not f or not f.endswith(".py"):
+            continue
+        path = Path(f).resolve()
+        if path.is_relative_to(pkg):
+            rel = path.relative_to(REPO_ROOT).as_posix()
+            if rel not in _CODE_SEEN:
+                _CODE_SEEN[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return dict(sorted(_CODE_SEEN.items()))
+
+
+def _write(out_dir: Path, doc: dict, code: bool = True) -> Path:
     path = out_dir / "metrics.json"
+    if code:  # the notebook's kernel writes it; the runner's own record (save_execution) keeps it
+        doc["code"] = {**doc.get("code", {}), **loaded_code()}
     atomic_write_bytes(path, json.dumps(_jsonable(doc), indent=1, allow_nan=False).encode())
     return path
 

@@ -2,17 +2,23 @@
 a fresh run against the committed reference.
 
     python -m lrkit.reports run notebooks/getting_started.ipynb --profile cpu
+    python -m lrkit.reports run notebooks/*/*.ipynb --profile cpu --if-stale   # skip up-to-date results
     python -m lrkit.reports index --profile cpu      # reports/index.html
     python -m lrkit.reports readme                   # reports/README.md from the cpu reference results
     python -m lrkit.reports check --profile cpu      # fresh run vs the committed metrics.json
 
 A notebook runs into a staging directory that replaces ``reports/<notebook>/<profile>/`` only when the
 whole notebook succeeded, so a failed run leaves no half-written results behind (and keeps the last
-good ones).
+good ones). After a successful run the runner notes the run's inputs (the notebook's cells, its configs,
+the tuned learning rates it read, the lrkit files its kernel imported, the lock) beside the results in
+``reports/<notebook>/<profile>/.inputs.json`` (not committed: it says what *this checkout* ran);
+``--if-stale`` (what ``make reproduce`` uses) skips a notebook whose results exist and whose inputs are
+unchanged, so a rerun after an interruption or a change redoes only what is missing or stale.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import html
 import json
 import os
@@ -87,6 +93,65 @@ def notebook_parameters(nb: Path, profile: str) -> dict:
     return params
 
 
+# ------------------------------------------------------------------------------------ stale results
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def notebook_digest(nb: Path) -> str:
+    """sha256 of the notebook's cells (type and source), not its outputs: running it in JupyterLab or
+    stripping it does not make its results stale; editing a cell does."""
+    cells = json.loads(Path(nb).read_text())["cells"]
+    return _sha(json.dumps([[c["cell_type"], "".join(c["source"])] for c in cells]).encode())
+
+
+def run_inputs(nb: Path, profile: str, code: dict | None = None) -> dict:
+    """What a notebook's results at ``profile`` depend on: its cells, each config layer it read, the tuned
+    learning rates it read (its folder's tuning record), the lrkit files in ``code`` (the kernel's imports,
+    :func:`records.loaded_code`; default every lrkit file) hashed as they are now, and the lock."""
+    from lrkit._lock import lock_digest
+
+    nb = Path(nb).resolve()
+    key = notebook_key(nb)
+    layers = records.PROFILES[1:records.PROFILES.index(profile) + 1]
+    configs = {f"configs/{x}/{key}.yaml": _sha((CONFIGS_DIR / x / f"{key}.yaml").read_bytes())
+               for x in layers if (CONFIGS_DIR / x / f"{key}.yaml").exists()}
+    tuned = None
+    if (nb.parent / "tuning.ipynb").exists() and nb.stem != "tuning":  # the record experiments.tuned reads
+        for p in [profile] + (["cpu"] if profile == "smoke" else []):
+            t = records.report_dir(f"{Path(key).parent.as_posix()}/tuning", p) / "metrics.json"
+            if t.exists():
+                tuned = _sha(json.dumps(records.load(t).get("summary", {}).get("tuned"), sort_keys=True).encode())
+                break
+    files = code if code is not None else {p.relative_to(REPO_ROOT).as_posix(): None
+                                            for p in sorted((REPO_ROOT / "lrkit").rglob("*.py"))}
+    now = {rel: (_sha((REPO_ROOT / rel).read_bytes()) if (REPO_ROOT / rel).exists() else "deleted")
+           for rel in files}
+    return {"notebook": notebook_digest(nb), "configs": configs, "tuned": tuned, "code": now,
+            "lock": lock_digest()}
+
+
+def _inputs_path(final: Path) -> Path:
+    return final / ".inputs.json"  # swapped in with the results it describes; gitignored (reports/**/.*)
+
+
+def stale_reason(nb: str | Path, profile: str = "auto") -> str | None:
+    """Why ``make reproduce`` must (re)run this notebook at ``profile``, or None when its results are up to
+    date: they exist, and this checkout ran them from the same inputs (:func:`run_inputs`) it has now."""
+    nb = Path(nb).resolve()
+    prof = profile_settings(profile)["name"]
+    final = records.report_dir(notebook_key(nb), prof)
+    if not (final / "metrics.json").exists():
+        return "no results yet"
+    if not _inputs_path(final).exists():
+        return "results not computed by this checkout (e.g. the committed reference)"
+    old = json.loads(_inputs_path(final).read_text())
+    new = run_inputs(nb, prof, code=old.get("code", {}))
+    changed = [k for k in ("notebook", "configs", "tuned", "lock") if old.get(k) != new[k]]
+    changed += [rel for rel, h in old.get("code", {}).items() if new["code"][rel] != h]
+    return f"changed since its run: {', '.join(changed)}" if changed else None
+
+
 def run_notebook(nb: str | Path, profile: str = "auto", overrides: dict | None = None,
                  final: Path | None = None) -> Path:
     """Execute one notebook with papermill at ``profile`` and export it to HTML; returns its report dir.
@@ -99,6 +164,7 @@ def run_notebook(nb: str | Path, profile: str = "auto", overrides: dict | None =
         raise ValueError(f"Invalid notebook: {nb} (expected an existing .ipynb under notebooks/)")
     prof = profile_settings(profile)
     key = notebook_key(nb)
+    default_final = final is None
     final = Path(final) if final is not None else records.report_dir(key, prof["name"])
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(f".{prof['name']}.staging-*"):  # left by a killed run (one run per notebook)
@@ -109,6 +175,7 @@ def run_notebook(nb: str | Path, profile: str = "auto", overrides: dict | None =
               "report_dir": str(staging)}
     env_before = os.environ.get("LRKIT_HEADLESS")
     os.environ["LRKIT_HEADLESS"] = "1"  # progress bars off in the headless kernel
+    inputs_before = run_inputs(nb, prof["name"])
     t0 = time.perf_counter()
     try:
         print(f"[{key}] profile={prof['name']} params={ {k: v for k, v in params.items() if k != 'report_dir'} }",
@@ -124,6 +191,10 @@ def run_notebook(nb: str | Path, profile: str = "auto", overrides: dict | None =
         records.save_execution(staging, profile=prof["name"], wall_time_s=wall, notebook=f"{nb.stem}.ipynb",
                                html=f"{nb.stem}.html", **device_info(resolve_device("auto")),
                                executed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        # The inputs as the run saw them: cells and configs from before it, the kernel's own hashes of its code.
+        code = records.load(staging).get("code") or inputs_before["code"]
+        if default_final and not overrides:
+            atomic_write_bytes(_inputs_path(staging), json.dumps({**inputs_before, "code": code}, indent=1).encode())
         _replace_dir(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -456,6 +527,8 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="execute notebooks with papermill and export them")
     r.add_argument("notebooks", nargs="+")
     r.add_argument("--profile", default="auto")
+    r.add_argument("--if-stale", action="store_true",
+                   help="skip notebooks whose results exist and whose inputs have not changed since their run")
     i = sub.add_parser("index", help="write reports/index.html")
     i.add_argument("--profile", default="auto")
     sub.add_parser("readme", help="write reports/README.md from the cpu results")
@@ -472,6 +545,13 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.cmd == "run":
         for nb in args.notebooks:
+            why = stale_reason(nb, args.profile) if args.if_stale else "asked"
+            if why is None:
+                print(f"[{notebook_key(Path(nb))}] up to date (notebook, configs, tuned rates, lrkit code and lock "
+                      "unchanged since its run): skipped; FORCE=1 reruns it", flush=True)
+                continue
+            if args.if_stale:
+                print(f"[{notebook_key(Path(nb))}] {why}: running", flush=True)
             run_notebook(nb, args.profile)
     elif args.cmd == "index":
         build_index(args.profile)

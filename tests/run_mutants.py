@@ -4,8 +4,8 @@
     python tests/run_mutants.py tests/mutants/fed.yaml -k sign
 
 Each mutant names a file, one exact text in it (it must occur once: a mutant whose text has gone is an
-error, not a pass), its replacement, and the test(s) that must catch it. The runner copies the tracked
-files to a temporary directory (the working tree is never touched), checks each test passes on the
+error, not a pass), its replacement, and the test(s) that must catch it. The runner copies the checkout's
+files (tracked and untracked, not ignored) to a temporary directory (the working tree is never touched), checks each test passes on the
 unbroken copy, applies one mutant at a time, and reports "caught" when the test then fails and
 "MISSED" when it still passes. Exit status 1 if any mutant was missed. Not part of `make test` (each
 mutant reruns its test); run it after changing a test or the code it guards: `make mutants`.
@@ -42,7 +42,7 @@ def load_mutants(paths: list[Path]) -> list[dict]:
 
 
 def _copy_tree(dest: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, check=True).stdout
     for rel in filter(None, files.decode().split("\0")):
         src = ROOT / rel
         if src.is_file():

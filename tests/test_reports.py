@@ -38,7 +38,7 @@ def test_run_exports_html_and_records_execution(sandbox):
     _notebook(nb, RECORD)
     out = reports.run_notebook(nb, "smoke")
     assert out == sandbox / "reports" / "demo" / "tiny" / "smoke"
-    assert {p.name for p in out.iterdir()} == {"metrics.json", "tiny.ipynb", "tiny.html"}
+    assert {p.name for p in out.iterdir()} == {"metrics.json", "tiny.ipynb", "tiny.html", ".inputs.json"}
     raw = json.loads((out / "metrics.json").read_text())  # not the staging directory's name
     assert raw["profile"] == "smoke" and raw["notebook"] == "demo/tiny"
     doc = records.load(out)
