@@ -135,9 +135,14 @@ def test_c4_corpus_bad_input(tmp_path):
         load_c4_corpus(tmp_path, data_files=[C4_SHARD], tokenizer=tok, train_tokens=0)
 
 
-def test_c4_offline_says_what_to_do(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+def test_c4_offline_says_what_to_do(tmp_path):
+    """Offline is set by tests/conftest.py before anything imports the Hugging Face libraries (they read the
+    variables once, at import: a monkeypatch.setenv here would come too late once another test imported them)."""
+    import datasets
+    import huggingface_hub
+
+    assert huggingface_hub.constants.HF_HUB_OFFLINE and datasets.config.HF_DATASETS_OFFLINE, \
+        "the Hugging Face libraries must see offline mode (tests/conftest.py sets it before they are imported)"
     with pytest.raises(DataUnavailableError, match="needs internet.*'cpu' or 'smoke' profile"):
         load_c4_corpus(tmp_path)
 

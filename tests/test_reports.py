@@ -120,3 +120,148 @@ def test_check_reports_compares_computed_metrics_exactly_and_only_lists_measured
                    check=True)
     assert reports.check_reports("cpu")
     assert "WARNING: reports/p/nb/cpu: committed runs were made with another environment" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------- check, readme, command line
+@pytest.fixture
+def sigterm_kept():
+    """reports.main installs a SIGTERM handler (sys.exit(143)); put the test process's own back afterwards."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, before)
+
+
+def _reference_repo(tmp_path, final):
+    """A git repository with one committed cpu record (reports/p/nb/cpu/metrics.json, run "a | seed 0") made with
+    this checkout's lock; returns the record's path, the fresh results' place."""
+    import subprocess
+
+    from lrkit._lock import lock_digest
+
+    path = tmp_path / "reports" / "p" / "nb" / "cpu" / "metrics.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"runs": {"a | seed 0": {"final": final, "lock_sha256": lock_digest()}}}))
+    for cmd in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "ref"]):
+        subprocess.run(["git", *cmd], cwd=tmp_path, check=True)
+    return path
+
+
+def _fresh(path, **final):
+    path.write_text(json.dumps({"runs": {"a | seed 0": {"final": final}}}))
+
+
+def test_check_command_exit_status_names_a_differing_metric_and_never_fails_on_times(tmp_path, monkeypatch, capsys,
+                                                                                      sigterm_kept):
+    ref = {"val_loss": 3.25, "tokens": 1000, "wall_time_s": 10.0}
+    path = _reference_repo(tmp_path, ref)
+    monkeypatch.setattr(reports, "REPO_ROOT", tmp_path)
+    _fresh(path, **{**ref, "wall_time_s": 31.0})  # only a measured time differs
+    assert reports.main(["check", "--profile", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "OK: 2/2 computed metrics" in out and "<-- differs" not in out
+    assert [line.split()[-1] for line in out.splitlines() if "wall_time_s" in line] == ["3.10"]  # listed, ratio
+    _fresh(path, **{**ref, "tokens": 1001})  # a computed metric differs: named, non-zero exit
+    assert reports.main(["check"]) == 1
+    out = capsys.readouterr().out
+    differs = [line.split() for line in out.splitlines() if line.endswith("<-- differs")]
+    assert [row[5:8] for row in differs] == [["tokens", "1000", "1001"]], out  # after "reports/p/nb/cpu a | seed 0"
+    assert "DIFFERS: 1/2 computed metrics" in out
+    # --rtol is the tolerance used: a 1e-8 relative difference fails the default 1e-9, passes 1e-7
+    _fresh(path, **{**ref, "val_loss": 3.25 * (1 + 1e-8)})
+    assert reports.main(["check"]) == 1
+    assert reports.main(["check", "--rtol", "1e-7"]) == 0
+    assert "within rtol=1e-07" in capsys.readouterr().out
+    # a committed run missing from the fresh results is a difference too (every computed metric of it)
+    path.write_text(json.dumps({"runs": {"b | seed 0": {"final": ref}}}))
+    assert reports.main(["check"]) == 1
+    assert "DIFFERS: 0/2 computed metrics" in capsys.readouterr().out
+    # --ref is the commit compared with: at a ref where the fresh values were committed, they agree
+    _fresh(path, **{**ref, "tokens": 1001})
+    import subprocess
+
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "new"], cwd=tmp_path,
+                   check=True)
+    assert reports.main(["check"]) == 0 and reports.main(["check", "--ref", "HEAD~1"]) == 1
+
+
+def _record(out_dir, run, loss, claims, conclusions, headline=None, wall=125.0):
+    records.save_run(out_dir, records.RunResult(run, {"value": loss}, 0, "cpu", "cpu", final={"loss": loss}))
+    records.save_summary(out_dir, [{"run": run, "loss": loss}], headline=headline, conclusions=conclusions,
+                         claims=claims)
+    records.save_execution(out_dir, profile="cpu", wall_time_s=wall, device_name="Test CPU",
+                           executed_at="2026-01-02T03:04:05+0000")
+
+
+def _claim(name, verdict, estimate, low, high, n=3):
+    return {"claim": name, "verdict": verdict, "estimate": estimate, "low": low, "high": high, "n": n,
+            "target": "ratio <= 1.1", "paper": 1.0, "source": "Table 2"}
+
+
+def test_build_readme_lists_every_claim_and_each_notebooks_section(sandbox, monkeypatch):
+    from lrkit import bench
+
+    monkeypatch.setattr(bench, "REPORTS_DIR", sandbox / "reports")  # no bench records in the sandbox
+    claims = [_claim("memory below AdamW", "holds", 0.61, 0.58, 0.64),
+              _claim("perplexity within 10 %", "unresolved at this scale", 1.04, 0.97, 1.12)]
+    _record(records.report_dir("galore/main", "cpu"), "galore", 2.5, claims, ["GaLore saves 39 % memory"],
+            headline="curve.png")
+    _record(records.report_dir("fedlrt/main", "cpu"), "fedlrt", 0.75, [_claim("fewer bytes", "contradicted", 1.3, 1.2,
+                                                                             1.4, n=1)], ["FeDLRT sends more"])
+    _record(records.report_dir("galore/main", "smoke"), "smoke", 9.0, [_claim("smoke only", "holds", 1, 0, 2)], [])
+    readme = sandbox / "notebooks" / "galore" / "README.md"
+    readme.parent.mkdir(parents=True)
+    readme.write_text("# GaLore\n\nIntro.\n")
+    text = reports.build_readme("cpu").read_text()
+    assert text.startswith("# Reference results (cpu profile)")
+    lines = text.splitlines()
+    all_claims = lines[lines.index("## All claims") + 2:lines.index("## fedlrt/main")]
+    assert [row.split(" | ")[:3] for row in all_claims if row.startswith("| ") and "---" not in row][1:] == [
+        ["| fedlrt/main", "fewer bytes", "contradicted"], ["| galore/main", "memory below AdamW", "holds"],
+        ["| galore/main", "perplexity within 10 %", "unresolved at this scale"]]
+    assert "| [0.58, 0.64] |" in text and "none (one seed)" in text  # interval; n = 1 has none
+    assert "smoke only" not in text  # the cpu profile's records only
+    galore = "\n".join(lines[lines.index("## galore/main"):])
+    assert "Test CPU, run time 125 s" in galore and "- GaLore saves 39 % memory" in galore
+    assert "![galore/main](galore/main/cpu/curve.png)" in galore
+    assert "| galore | 2.5 |" in galore  # the summary table
+    assert "Benchmarks" not in text
+    # the folder README gains the measured run times, between the markers, replaced (not repeated) on a rebuild
+    reports.build_readme("cpu")
+    folder = readme.read_text()
+    assert folder.startswith("# GaLore\n\nIntro.\n") and folder.count(reports.TIMES_BEGIN) == 1
+    assert "| `main.ipynb` | 2.1 min | 2026-01-02T03:04 |" in folder and "Test CPU" in folder
+
+
+def test_command_line_subcommands_reach_their_functions(monkeypatch, sigterm_kept):
+    calls = []
+    for name in ("run_notebook", "build_index", "build_readme", "seed_check"):
+        monkeypatch.setattr(reports, name, lambda *a, _n=name, **k: calls.append((_n, a, k)))
+    monkeypatch.setattr(reports, "check_reports", lambda *a: calls.append(("check_reports", a, {})) or True)
+    fresh, old = (str(reports.NOTEBOOKS_DIR / f"{n}.ipynb") for n in ("fresh", "old"))
+    monkeypatch.setattr(reports, "stale_reason", lambda nb, profile: None if nb == fresh else "no results yet")
+    assert reports.main(["run", "a.ipynb", "b.ipynb", "--profile", "cpu"]) == 0
+    assert reports.main(["run", fresh, old, "--if-stale"]) == 0  # the up-to-date one is skipped
+    assert reports.main(["index", "--profile", "smoke"]) == 0
+    assert reports.main(["readme"]) == 0
+    assert reports.main(["seed-check", "nb.ipynb", "--seeds", "5,6,7"]) == 0
+    assert reports.main(["check", "--profile", "gpu", "--rtol", "0", "--ref", "v1"]) == 0
+    assert calls == [("run_notebook", ("a.ipynb", "cpu"), {}), ("run_notebook", ("b.ipynb", "cpu"), {}),
+                     ("run_notebook", (old, "auto"), {}), ("build_index", ("smoke",), {}),
+                     ("build_readme", ("cpu",), {}), ("seed_check", ("nb.ipynb", [5, 6, 7], "cpu"), {}),
+                     ("check_reports", ("gpu", 0.0, "v1"), {})]
+    for bad in ([], ["publish"], ["check", "--rtol", "tight"], ["seed-check", "nb.ipynb"]):
+        with pytest.raises(SystemExit) as e:
+            reports.main(bad)
+        assert e.value.code == 2, bad
+
+
+def test_command_line_rejects_an_unknown_profile_before_running_anything(sandbox, sigterm_kept):
+    nb = sandbox / "notebooks" / "tiny.ipynb"
+    _notebook(nb, RECORD)
+    for argv in (["index", "--profile", "fast"], ["run", str(nb), "--profile", "fast"],
+                 ["run", str(nb), "--profile", "fast", "--if-stale"]):
+        with pytest.raises(ValueError, match=r"Invalid profile: 'fast' \(expected one of \['auto', 'smoke', 'cpu'"):
+            reports.main(argv)
+    assert not (sandbox / "reports").exists()
