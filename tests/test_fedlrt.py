@@ -125,7 +125,9 @@ def _centralised_round(U, S, V, X, Y, lr, steps, tau, r_max):
 @pytest.mark.parametrize("n_clients,steps", [(1, 5), (3, 1)])
 def test_full_correction_equals_centralised(n_clients, steps):
     """One client: nothing to correct, the round is the centralised one. Three equal clients and one local
-    step: the corrected step is lr * (grad L_c + grad L - grad L_c) = lr * grad L, again centralised."""
+    step: the corrected step is lr * (grad L_c + grad L - grad L_c) = lr * grad L, again centralised.
+    The correction is zero or cancels here, so this checks the round's plumbing only; the correction itself
+    is checked against its algebra where it is not zero in tests/test_fed_reference.py."""
     torch.set_default_dtype(torch.float64)
     try:
         P = least_squares(n=8, rank=2, num_clients=3, samples_per_client=10, seed=3)
@@ -278,7 +280,8 @@ def test_least_squares_variance_correction_descends_further():
         excess[vc] = h[-1]["loss"] - P["loss_ls"]
         assert h[-1]["loss"] < 0.2 * h[0]["loss"]
     print("excess global loss over the least-squares floor:", excess, "floor", P["loss_ls"])
-    assert excess["full"] < 0.3 * excess["none"]
+    # measured (float32, 2 CPU cores): none 4.26e-2, full 5.9e-7, ratio 1.4e-5; the bound is ~7x that ratio
+    assert excess["none"] > 1e-2 * P["loss_ls"] and excess["full"] < 1e-4 * excess["none"]
 
 
 def test_to_run_result_sums_clients_and_records():
