@@ -1,4 +1,6 @@
 """The shared language-model loop: argument validation and same seed -> same numbers on CPU."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -92,3 +94,112 @@ def test_a_non_finite_gradient_stops_the_run_naming_step_and_parameter(method, k
     assert r.final["diverged"] and r.final["steps"] == 4
     assert r.final["failure"] == f"step 4: non-finite gradient (NaN or Inf) in parameter {target}"
     assert all(torch.isfinite(p).all() for p in model.parameters())  # nothing non-finite was applied
+
+
+# ---- the learning-rate schedule and gradient clipping, against hand-computed values ------------------
+def test_cosine_schedule_values_against_the_closed_form():
+    """Linear warm-up over W = int(warmup_frac * steps) steps, lr_s = peak (s + 1) / W for s < W, then
+    cosine from the peak at s = W down to min_lr_ratio * peak at s = steps:
+    lr_s = peak (m + (1 - m) (1 + cos(pi (s - W) / (steps - W))) / 2)."""
+    from lrkit.train import cosine_schedule
+
+    peak, m = 0.2, 0.1
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    sched = cosine_schedule(opt, steps=23, warmup_frac=0.25, min_lr_ratio=m)  # W = int(5.75) = 5, 18 decay steps
+    lrs = []
+    for _ in range(24):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = {0: 0.04, 1: 0.08, 2: 0.12, 3: 0.16, 4: 0.2,  # warm-up, peak reached at its last step
+                5: 0.2,  # cosine start (progress 0)
+                11: peak * (m + (1 - m) * 0.75),  # progress 1/3: cos = 1/2
+                14: peak * (m + (1 - m) * 0.5),  # midpoint: halfway between peak and minimum
+                17: peak * (m + (1 - m) * 0.25),  # progress 2/3: cos = -1/2
+                22: peak * (m + (1 - m) * 0.5 * (1 + math.cos(math.pi * 17 / 18))),  # the last step trained
+                23: peak * m}  # end value: min_lr_ratio of the peak
+    for s, lr in expected.items():
+        assert lrs[s] == pytest.approx(lr, rel=1e-12, abs=0), s
+    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))  # non-increasing after the warm-up
+    assert min(lrs) == pytest.approx(peak * m, rel=1e-12)
+    sched0 = cosine_schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 10, 0.0, 0.0)
+    assert sched0.get_last_lr() == [1.0]  # no warm-up: the first step is at the peak
+
+
+def _sgd_by_hand(model, corpus, cfg, lrs, clip):
+    """What train_lm should do with plain SGD: the same seeded batches, global-norm clipping of the whole
+    batch's gradient to ``clip`` (coefficient min(1, clip / (||g|| + 1e-6)), as clip_grad_norm_), theta -=
+    lr_s g_clipped. Returns the clip coefficients."""
+    from lrkit.train import lm_loss, random_windows
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    coefs = []
+    for lr in lrs:
+        batch = random_windows(corpus.train, cfg.batch_size, cfg.seq_len, gen)
+        model.zero_grad(set_to_none=True)
+        lm_loss(model, batch).backward()
+        norm = math.sqrt(sum(float(p.grad.double().square().sum()) for p in model.parameters()))
+        coef = 1.0 if clip is None else min(1.0, clip / (norm + 1e-6))
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= lr * coef * p.grad
+        coefs.append(coef)
+    return coefs
+
+
+def _rel_diff(a, b):
+    return max(float((p.detach() - q.detach()).abs().max() / q.detach().abs().max())
+               for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_loop_clips_the_global_norm_and_follows_the_schedule(grad_accum):
+    """train_lm with SGD and grad_clip on a float64 LLaMA equals the SGD trajectory computed by hand with
+    the closed-form schedule (warm-up 2 of 4 steps: 0.5, 1, 1, (1 + m) / 2 of the peak) and the clipped
+    gradient; clipping is active at every step and the unclipped trajectory is far from it."""
+    corpus = _corpus()
+    cfg = LMTrainConfig(steps=4, batch_size=4, seq_len=16, lr=0.5, warmup_frac=0.5, min_lr_ratio=0.1,
+                        grad_clip=0.05, eval_every=4, eval_windows=2, log_every=1, seed=3, device="cpu",
+                        grad_accum=grad_accum)
+    lrs = [0.25, 0.5, 0.5, 0.5 * 0.55]
+    model = build_llama("nano", 64, 16, seed=0).double()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    run = train_lm("clip", model, torch.optim.SGD(model.parameters(), lr=cfg.lr), corpus, cfg)
+    assert [r["lr"] for r in run.history] == pytest.approx(lrs, rel=1e-12)
+
+    hand = build_llama("nano", 64, 16, seed=0).double()
+    hand.load_state_dict(start)
+    coefs = _sgd_by_hand(hand, corpus, cfg, lrs, clip=cfg.grad_clip)
+    assert max(coefs) < 0.5  # the clip bites at every step
+    assert _rel_diff(model, hand) < 1e-12  # micro-batches (grad_accum 2) sum to the same gradient here
+
+    free = build_llama("nano", 64, 16, seed=0).double()
+    free.load_state_dict(start)
+    _sgd_by_hand(free, corpus, cfg, lrs, clip=None)
+    assert _rel_diff(free, hand) > 1e-2  # the test would see a loop that skipped the clip
+
+
+def test_loop_with_fused_optimizer_clips_with_its_max_grad_norm():
+    """Lomo (SGD updated inside backward, max_grad_norm: a norm pass then the update pass) in train_lm:
+    the same hand-computed clipped trajectory, to fp32 rounding (Lomo updates in fp32)."""
+    from lrkit.optim.lomo import Lomo
+
+    corpus = _corpus()
+    cfg = LMTrainConfig(steps=3, batch_size=4, seq_len=16, lr=0.5, warmup_frac=0.0, min_lr_ratio=0.1,
+                        grad_clip=None, eval_every=3, eval_windows=2, seed=4, device="cpu")
+    lrs = [0.5, 0.5 * 0.775, 0.5 * 0.325]  # no warm-up: cos(0), cos(pi/3), cos(2 pi/3)
+    model = build_llama("nano", 64, 16, seed=0).double()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = Lomo(model.parameters(), lr=cfg.lr, max_grad_norm=0.05)
+    train_lm("lomo-clip", model, opt, corpus, cfg)
+    opt.remove_hooks()
+
+    hand = build_llama("nano", 64, 16, seed=0).double()
+    hand.load_state_dict(start)
+    coefs = _sgd_by_hand(hand, corpus, cfg, lrs, clip=0.05)
+    assert max(coefs) < 0.5
+    assert _rel_diff(model, hand) < 1e-5
+    free = build_llama("nano", 64, 16, seed=0).double()
+    free.load_state_dict(start)
+    _sgd_by_hand(free, corpus, cfg, lrs, clip=None)
+    assert _rel_diff(free, hand) > 1e-2
