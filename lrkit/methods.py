@@ -130,6 +130,9 @@ def _full_parameter_optimizer(method, model, lr, weight_decay, max_grad_norm, op
     else:
         from transformers.optimization import Adafactor
 
+        for what, v in (("learning rate", lr), ("weight_decay", weight_decay)):  # transformers checks neither
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"Invalid {what}: {v!r} for method 'adafactor' (expected a finite number >= 0)")
         kw = dict(scale_parameter=True, relative_step=False, warmup_init=False, clip_threshold=1.0, **optim_kw)
         opt = Adafactor(params, lr=lr, weight_decay=weight_decay, **kw)
     return Prepared(method, model, opt, [], {"method": method, "lr": lr, "weight_decay": weight_decay,

@@ -68,7 +68,7 @@ class LMTrainConfig:
             raise ValueError(f"Invalid log_every: {self.log_every!r} (expected an int >= 0)")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"Invalid lr: {self.lr!r} (expected a finite positive number)")
-        if not 0 <= self.warmup_frac < 1:
+        if not (isinstance(self.warmup_frac, (int, float)) and 0 <= self.warmup_frac < 1):
             raise ValueError(f"Invalid warmup_frac: {self.warmup_frac!r} (expected 0 <= x < 1)")
         if not (isinstance(self.unstable_margin, (int, float)) and math.isfinite(self.unstable_margin)
                 and self.unstable_margin >= 0):
@@ -78,8 +78,14 @@ class LMTrainConfig:
                              f"batch_size={self.batch_size})")
         if self.precision not in PRECISIONS:
             raise ValueError(f"Invalid precision: {self.precision!r} (expected one of {PRECISIONS})")
-        if not 0 <= self.min_lr_ratio <= 1:
+        if not (isinstance(self.min_lr_ratio, (int, float)) and 0 <= self.min_lr_ratio <= 1):
             raise ValueError(f"Invalid min_lr_ratio: {self.min_lr_ratio!r} (expected 0 <= x <= 1)")
+        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and not isinstance(
+                self.grad_clip, bool) and math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ValueError(f"Invalid grad_clip: {self.grad_clip!r} (expected None or a finite number >= 0; "
+                             "None or 0 = no clipping)")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"Invalid seed: {self.seed!r} (expected an int >= 0)")
 
 
 def cosine_schedule(optimizer, steps: int, warmup_frac: float, min_lr_ratio: float):
@@ -418,6 +424,9 @@ def load_recipe(path, overrides=()) -> dict:
         node = recipe
         for k in parents:
             node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"Invalid override: {item!r} ({k!r} holds {node!r}, not a mapping; expected "
+                                 "KEY=VALUE with KEY a path of mappings, e.g. train.steps=20)")
         node[leaf] = yaml.safe_load(value)
     unknown = sorted(set(recipe) - set(RECIPE_KEYS))
     if unknown:

@@ -85,15 +85,32 @@ def load_shakespeare(data_dir: Path, vocab_size: int = 4096) -> TokenizedCorpus:
             buf = io.BytesIO()
             np.save(buf, arr)
             atomic_write_bytes(path, buf.getvalue())
-        ids[split] = np.load(path).astype(np.int64)
+        ids[split] = _load_token_cache(path, cache).astype(np.int64)
     return TokenizedCorpus("shakespeare", ids["train"], ids["val"], vocab_size, tok, train_names, val_names)
+
+
+def _load_token_cache(path: Path, cache: Path) -> np.ndarray:
+    """A cached token array (1-D uint16 .npy); a truncated or foreign file is an error, never half-used."""
+    try:
+        arr = np.load(path)
+    except (ValueError, EOFError, OSError) as e:
+        raise DataUnavailableError(f"{path}: corrupt token cache ({type(e).__name__}: {e}); "
+                                   f"delete {cache} to rebuild it") from e
+    if arr.dtype != np.uint16 or arr.ndim != 1 or arr.size < 2:
+        raise DataUnavailableError(f"{path}: corrupt token cache (a {arr.dtype} array of shape {arr.shape}, "
+                                   f"expected 1-D uint16 token ids); delete {cache} to rebuild it")
+    return arr
 
 
 def _byte_bpe(path: Path, text: str, vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if path.exists():
-        return Tokenizer.from_file(str(path))
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on a truncated or foreign file
+            raise DataUnavailableError(f"{path}: corrupt tokenizer cache ({type(e).__name__}: {str(e)[:200]}); "
+                                       f"delete {path.parent} to rebuild it") from e
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -92,13 +93,17 @@ def load_cifar10(data_dir: Path, archive: Path | None = None) -> dict[str, np.nd
                 f"(Fashion-MNIST), or copy cifar-10-python.tar.gz to {archive}."
             ) from e
     parts = {"train": [], "test": []}
-    with tarfile.open(archive, "r:gz") as tar:
-        for m in sorted(tar.getmembers(), key=lambda m: m.name):
-            name = Path(m.name).name
-            split = "train" if name.startswith("data_batch_") else "test" if name == "test_batch" else None
-            if split:
-                batch = pickle.load(tar.extractfile(m), encoding="bytes")
-                parts[split].append(batch)
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for m in sorted(tar.getmembers(), key=lambda m: m.name):
+                name = Path(m.name).name
+                split = "train" if name.startswith("data_batch_") else "test" if name == "test_batch" else None
+                if split:
+                    batch = pickle.load(tar.extractfile(m), encoding="bytes")
+                    parts[split].append(batch)
+    except (tarfile.TarError, EOFError, OSError, pickle.UnpicklingError, zlib.error) as e:  # never half-used
+        raise DataUnavailableError(f"{archive}: truncated or corrupt CIFAR-10 archive ({type(e).__name__}: {e}); "
+                                   "expected the canonical cifar-10-python.tar.gz: delete it and fetch it again") from e
     if len(parts["train"]) == 0 or len(parts["test"]) == 0:
         raise ValueError(f"{archive}: no data_batch_* / test_batch members: not a CIFAR-10 python archive")
     out = {}

@@ -309,6 +309,11 @@ def normalization(out, *, profile: str, corpus, train, model_size: str, seeds, n
     ``high_normalizations`` at ``high_lr_factor`` times it (arms "<norm> (high lr)"). Every trained model
     is evaluated through lm-eval on the offline cloze task and ``benchmark_tasks`` (online lm-eval tasks,
     the paper profile; HumanEval also needs ``allow_code_execution``). Returns (runs, lr)."""
+    from lrkit.optim.adalomo import NORMALIZATIONS
+
+    bad = [n for n in (*normalizations, *high_normalizations) if n not in NORMALIZATIONS]
+    if bad:  # before any arm trains
+        raise ValueError(f"Invalid normalizations: {bad!r} (expected some of {NORMALIZATIONS})")
     lr = tuned("adalomo", profile, "pretrain")["AdaLomo"]
     tasks = (["cloze"] if cloze_docs else []) + list(benchmark_tasks)
     include = cloze_task(Path(out) / "lm_eval_tasks", corpus, cloze_docs) if cloze_docs else None
@@ -341,7 +346,12 @@ def ablation_table(runs, metrics=("val_loss", "val_ppl", tokens_per_s)) -> pd.Da
 # ---------------------------------------------------------------------------------- factorization
 def variant_knobs(variant: str, nmf_iters: int = 3) -> dict:
     """"<second_moment>:<factor_rank>" -> AdaLomo's knobs, e.g. "qr:1" -> second_moment="qr", factor_rank=1."""
-    kind, _, rank = variant.partition(":")
+    from lrkit.optim.adalomo import SECOND_MOMENTS
+
+    kind, _, rank = variant.partition(":") if isinstance(variant, str) else (None, "", "")
+    if kind not in SECOND_MOMENTS or not (rank == "" or (rank.isdigit() and int(rank) >= 1)):
+        raise ValueError(f"Invalid variant: {variant!r} (expected '<second_moment>' or '<second_moment>:<factor_rank>' "
+                         f"with second_moment one of {SECOND_MOMENTS} and factor_rank an int >= 1, e.g. 'qr:1')")
     return dict(second_moment=kind, factor_rank=int(rank or 1), nmf_iters=nmf_iters)
 
 

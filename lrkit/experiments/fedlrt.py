@@ -246,6 +246,9 @@ def tuning(out, *, center: float, points: int, factor: float, tail_rounds: int, 
 
 def vision_arms(initial_rank: int, tau: float, r_max: int, methods=tuple(METHODS)) -> dict:
     """{method: kwargs without lr}: FedAvg, FedLin, and FeDLRT with full correction at these knobs."""
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"Invalid methods: {bad!r} (expected some of {list(METHODS)})")
     fed = dict(initial_rank=initial_rank, tau=tau, r_max=r_max)
     return {m: METHODS[m] | (fed if METHODS[m]["method"] == "fedlrt" else {}) for m in methods}
 
@@ -302,6 +305,11 @@ LS_ARMS = {"LS FedAvg": dict(method="fedavg"), "LS FedLin": dict(method="fedlin"
 def ls_arms(initial_rank: int, tau: float, corrections=("none", "simplified", "full")) -> dict:
     """FedAvg, FedLin and FeDLRT with each variance correction on least squares (r_max = n: the rank is
     free, truncation must find it)."""
+    from lrkit.fed.fedlrt import VARIANCE_CORRECTIONS
+
+    bad = [vc for vc in corrections if vc not in VARIANCE_CORRECTIONS]
+    if bad:
+        raise ValueError(f"Invalid corrections: {bad!r} (expected some of {list(VARIANCE_CORRECTIONS)})")
     return LS_ARMS | {f"LS FeDLRT {vc}": dict(method="fedlrt", variance_correction=vc, initial_rank=initial_rank,
                                               tau=tau) for vc in corrections}
 

@@ -87,9 +87,25 @@ def _galore(lr, rank, scale, update_proj_gap, **kw) -> dict:
     return dict(method="galore", lr=lr, rank=rank, scale=scale, update_proj_gap=update_proj_gap, **kw)
 
 
+def _checked(arms: dict) -> dict:
+    """``arms``, each arm's GaLore knobs validated (by GaLoreAdamW's own checks) before the first one trains;
+    an error names the arm."""
+    import torch
+
+    from lrkit.optim.galore import GaLoreAdamW
+
+    keys = ("rank", "update_proj_gap", "scale", "proj_method", "switch_subspace", "moments_on_switch")
+    for arm, kw in arms.items():
+        try:  # a 1-D stand-in parameter: no rank-versus-shape check, no warning, no random draw
+            GaLoreAdamW([{"params": [torch.zeros(1, requires_grad=True)], **{k: kw[k] for k in keys if k in kw}}])
+        except ValueError as e:
+            raise ValueError(f"{e} in arm {arm!r}") from e
+    return arms
+
+
 def _run(out, profile, seeds, arms_of_lr, *, model_size, **size) -> Runs:
     corpus, train, lr, source = _setup(profile, model_size=model_size, **size)
-    runs = run_all(pretrain_run, arms_of_lr(lr), out, seeds=seeds, corpus=corpus, train=train,
+    runs = run_all(pretrain_run, _checked(arms_of_lr(lr)), out, seeds=seeds, corpus=corpus, train=train,
                    model_size=model_size)
     for r in runs.values():
         r.config["lr_source"] = source

@@ -184,7 +184,7 @@ class AdaLomo(FusedOptimizer):
                  seed: int = 0, *, accumulation_steps: int = 1, clipping: str | None = None,
                  reduction: str = "auto"):
         num = (int, float)
-        _check(isinstance(lr, num) and lr >= 0, "learning rate", lr, "a number >= 0")
+        _check(isinstance(lr, num) and math.isfinite(lr) and lr >= 0, "learning rate", lr, "a finite number >= 0")
         _check(isinstance(eps, (tuple, list)) and len(eps) == 2
                and all(isinstance(e, num) and e >= 0 for e in eps), "eps", eps,
                "a pair (eps1, eps2) of numbers >= 0")

@@ -11,8 +11,10 @@ Knobs beyond the official code (all param-group keys):
   power_iters        power iterations of "randomized_svd" (2; 1 makes a refresh faster, see lrkit.bench)
   moments_on_switch  "keep" (official) | "reset" | "rotate" (the kit's own heuristic) | "ldadam"
                      (LDAdam's projection-aware rule, arXiv 2410.16103, Sec. 3.1)
-Departures from galore-torch, all documented where they happen: non-2D parameters and ranks at or
-above min(m, n) fall back to full-rank Adam (galore-torch crashes on the former); the state holds
+Departures from galore-torch, all documented where they happen: non-2D parameters and a rank equal to
+min(m, n) fall back to full-rank Adam (galore-torch crashes on the former), a rank above min(m, n) is an
+error (galore-torch silently clamps it), and a non-finite gradient at a projector refresh raises
+NonFiniteGradient naming the parameter and step (galore-torch: a bare LinAlgError); the state holds
 only tensors and ints, so state_dict() survives torch.load(weights_only=True); per-layer mode steps
 once per accumulated batch (GaLore issue #78) and clips by the true global norm.
 """
@@ -23,7 +25,7 @@ import warnings
 import torch
 from torch.optim import Optimizer
 
-from lrkit.optim.in_backward import InBackwardOptimizer
+from lrkit.optim.in_backward import InBackwardOptimizer, NonFiniteGradient
 
 PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
 PROJ_METHODS = ("svd", "randomized_svd", "random", "online_pca")
@@ -145,7 +147,8 @@ class GaLoreAdamW(Optimizer):
         &W \leftarrow W - \mathrm{lr}\,\lambda\, W  \qquad\text{(decoupled decay, after the update, on the new } W)
         \end{aligned}
 
-    Groups without ``rank`` (and non-2-D parameters, and weights with r >= min(m, n)) run the same
+    Groups without ``rank`` (and non-2-D parameters, and weights with r = min(m, n); r > min(m, n) is an
+    error) run the same
     rule with R_t = G_t and no projection: the Hugging Face-style AdamW galore-torch copies, whose eps is
     added to sqrt(V_t) *before* bias correction is folded into eta_t (torch.optim.AdamW adds eps to
     sqrt(V_hat_t)), so its effective eps is eps / sqrt(1 - beta2^t). Defaults are galore-torch's.
@@ -202,6 +205,11 @@ class GaLoreAdamW(Optimizer):
         super().add_param_group(param_group)  # fills in the defaults
         group = self.param_groups[-1]
         _validate(group)
+        if "rank" in group:  # a rank no m x n weight can hold is an error, not a silent full-rank run
+            for p in group["params"]:
+                _check(p.dim() != 2 or group["rank"] <= min(p.shape), "rank", group["rank"],
+                       f"for a {tuple(p.shape)} weight expected at most min(m, n) = {min(p.shape)}; "
+                       "at min(m, n) the weight uses full-rank Adam")
         if "rank" in group and not self._warned_full_rank:
             if any(p.dim() == 2 and group["rank"] >= min(p.shape) for p in group["params"]):
                 warnings.warn(f"GaLoreAdamW: rank {group['rank']} >= min(m, n) of some weight; "
@@ -298,6 +306,9 @@ class GaLoreAdamW(Optimizer):
         due = method == "online_pca" or t % group["update_proj_gap"] == 0
         if not first and not (group["switch_subspace"] and due):
             return
+        if not bool(torch.isfinite(G).all()):  # the SVD would raise a bare LinAlgError (or, on CUDA, return NaN)
+            raise NonFiniteGradient(p, f"non-finite gradient (NaN or Inf) in a {tuple(p.shape)} parameter, index "
+                                       f"{index} of the optimizer's parameters, at step {t} (a projector refresh)")
         side, r = projector_side(G.shape, group["proj_type"]), group["rank"]
         old = {k: state[k].float() for k in ("P", "Q") if k in state}
         new = {}

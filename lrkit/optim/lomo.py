@@ -22,6 +22,8 @@ step only. ``clipping="deferred"`` clips in one backward instead, holding the gr
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.optim import Optimizer
 
@@ -70,7 +72,8 @@ class Lomo(FusedOptimizer):
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.0, fused: bool = True,
                  max_grad_norm: float | None = None, *, accumulation_steps: int = 1,
                  clipping: str | None = None, reduction: str = "auto"):
-        _check(isinstance(lr, (int, float)) and lr >= 0, "learning rate", lr, "a number >= 0")
+        _check(isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0, "learning rate", lr,
+               "a finite number >= 0")
         _check(isinstance(weight_decay, (int, float)) and weight_decay >= 0, "weight_decay",
                weight_decay, "a number >= 0")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay), fused, max_grad_norm,
