@@ -105,9 +105,14 @@ def load(out_dir: str | Path) -> dict:
         path = path / "metrics.json"
     if not path.exists():
         raise FileNotFoundError(f"no run record at {path}: run the notebook first (make reproduce)")
-    doc = json.loads(path.read_text())
-    if doc.get("schema") != SCHEMA:
-        raise ValueError(f"{path}: schema {doc.get('schema')!r}, this kit reads schema {SCHEMA}")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not a run record (truncated or corrupt JSON: {e}); delete it and rerun the "
+                         "notebook (make reproduce)") from None
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: schema {doc.get('schema') if isinstance(doc, dict) else None!r}, this kit "
+                         f"reads schema {SCHEMA}")
     doc["profile"] = _profile_of(doc.get("profile", ""))
     return doc
 

@@ -65,7 +65,8 @@ def notebook_parameters(nb: Path, profile: str) -> dict:
     layers the notebook's YAMLs (configs/<layer>/<key>.yaml) in records.PROFILES order, cpu then gpu then paper,
     up to `profile`, so a gpu or paper YAML holds only what changes. Every layer's file must exist: a missing one
     is an error naming it, never a silent fallback to a smaller profile. A key that is not a parameter of the
-    notebook (or one the runner sets: profile, report_dir) is an error naming the key."""
+    notebook (or one the runner sets: profile, report_dir) is an error naming the key, and so is a value of
+    another kind than the notebook's default (:func:`_check_type`)."""
     import papermill
 
     if profile not in records.PROFILES:
@@ -84,13 +85,47 @@ def notebook_parameters(nb: Path, profile: str) -> dict:
             raise ValueError(f"Invalid config: {path} holds a {type(values).__name__} (expected a mapping "
                              "of notebook parameters to values)")
         if known is None:
-            known = set(papermill.inspect_notebook(str(nb))) - {"profile", "report_dir"}
+            defaults = {k: v["default"] for k, v in papermill.inspect_notebook(str(nb)).items()}
+            known = set(defaults) - {"profile", "report_dir"}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"Invalid key(s) {unknown} in {path}: not parameters of {nb.name} "
                              f"(expected some of {sorted(known)}; profile and report_dir are set by the runner)")
+        for name, value in values.items():
+            _check_type(name, value, defaults[name], path)
         params |= values
     return params
+
+
+def _kind(value) -> str | None:
+    """A parameter's kind for the YAML type check: None (anything goes), bool, int, float, str, list, dict."""
+    if value is None:
+        return None
+    return "bool" if isinstance(value, bool) else type(value).__name__
+
+
+def _check_type(name: str, value, default_src: str, path: Path) -> None:
+    """A YAML value must have the kind of the notebook's default (an int where a float is expected is fine;
+    a list's items are checked against a non-empty default list's items): `steps: "ten"` or `seeds: 3` is an
+    error naming the key and the expected kind, not a failure deep inside a cell."""
+    import ast
+
+    try:
+        default = ast.literal_eval(default_src)
+    except (ValueError, SyntaxError):  # an expression: nothing to compare with
+        return
+
+    def fits(v, d) -> bool:
+        kd, kv = _kind(d), _kind(v)
+        return kd is None or kd == kv or (kd == "float" and kv == "int")
+
+    bad = not fits(value, default)
+    if not bad and isinstance(default, list) and default and len({_kind(d) for d in default}) == 1:
+        bad = not all(fits(v, default[0]) for v in value)
+    if bad:
+        want = _kind(default) + (f" of {_kind(default[0])}" if isinstance(default, list) and default else "")
+        raise ValueError(f"Invalid value for {name!r} in {path}: {value!r} (expected {'an' if want[0] in 'aeiou' else 'a'} {want}, like the notebook's "
+                         f"default {default_src})")
 
 
 # ------------------------------------------------------------------------------------ stale results
@@ -441,6 +476,8 @@ def check_reports(profile: str = "cpu", rtol: float = CHECK_RTOL, ref: str = "HE
     """
     from lrkit._lock import lock_digest
 
+    if profile not in records.PROFILES:
+        raise ValueError(f"Invalid profile: {profile!r} (expected one of {list(records.PROFILES)})")
     ok, rows, measured, other_env = True, [], [], set()
     tracked = subprocess.run(["git", "ls-files", "reports"], cwd=REPO_ROOT, capture_output=True,
                              text=True).stdout.split()

@@ -2,7 +2,9 @@
 
 Batches are random windows of the tokenized training stream drawn from a seeded generator; validation
 uses fixed, evenly spaced windows of the held-out works, so every run of a notebook sees the same data.
-Schedule: linear warm-up then cosine decay to ``min_lr_ratio`` of the peak (the GaLore recipe).
+Schedule: linear warm-up then cosine decay to ``min_lr_ratio`` of the peak (the GaLore recipe; the warm-up
+factor is (step + 1) / W, so the first step trains at lr / W and the peak comes at step W - 1, one step ahead
+of galore's training_utils, whose step / W starts at 0).
 
 Failure, in a run's ``final`` dict (the rule, written once):
 

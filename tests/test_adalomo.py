@@ -617,3 +617,26 @@ def test_qr_second_moment_is_the_pivoted_qr_of_the_ema_target():
         st = opt.state[w]
         torch.testing.assert_close((st["Q"] @ st["W"]).double(), V, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(w.detach().double(), ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("second_moment", ["svd", "qr"])
+def test_rank_k_clamp_warns_once_and_rank_1_never(second_moment):
+    """A rank >= 2 svd/qr second moment that goes below eps1 is clamped and warned about once (docs/methods.md:
+    the clamped entries take the tensor's whole update); at rank 1 the factors of the non-negative target are
+    non-negative and nothing is clamped."""
+    import warnings
+
+    torch.manual_seed(0)
+    # Random gradients drive the rank-2 SVD below eps1 within three steps; pivoted QR stays positive on them.
+    for rank, expect in [(2, int(second_moment == "svd")), (1, 0)]:
+        w = torch.nn.Parameter(torch.randn(64, 32))
+        opt = AdaLomo([w], lr=1e-2, fused=False, second_moment=second_moment, factor_rank=rank)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                w.grad = torch.randn(64, 32)
+                opt.step()
+        msgs = [str(c.message) for c in caught if "clamped" in str(c.message)]
+        assert len(msgs) == expect, (rank, msgs)
+        if expect:
+            assert f"second_moment={second_moment!r} at rank 2" in msgs[0]

@@ -1,6 +1,6 @@
 """Bad input at every public entry point: one row per class of bad input (issue 11, section 2).
 
-The table ``CASES`` IS the audit: 50 classes, from optimizer hyper-parameters through configs, notebook
+The table ``CASES`` IS the audit: 54 classes, from optimizer hyper-parameters through configs, notebook
 parameters, YAML values, data files and caches to non-finite training. Each row is (class, callable of
 ``tmp_path``, exception type, regex); the callable must raise that type with a message matching the regex,
 which names the bad value and what is accepted (or, for files, the file and what to do). Two rows are
@@ -81,7 +81,7 @@ def _notebook_params(tmp, layers: dict, profile="gpu"):
     nb = tmp / "notebooks" / "demo" / "tiny.ipynb"
     doc = nbformat.v4.new_notebook()
     doc.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    cell = nbformat.v4.new_code_cell('profile = "smoke"\nreport_dir = ""\nsteps = 1\nlr = 0.1')
+    cell = nbformat.v4.new_code_cell('profile = "smoke"\nreport_dir = ""\nsteps = 1\nlr = 0.1\nseeds = [0]')
     cell.metadata["tags"] = ["parameters"]
     doc.cells = [cell]
     nb.parent.mkdir(parents=True)
@@ -202,7 +202,12 @@ CASES = [
      FileNotFoundError, r"Missing config: .*configs/gpu/demo/tiny\.yaml \(demo/tiny at profile 'gpu' layers "),
     ("unknown_config_key", lambda t: _notebook_params(t, {"cpu": "learning_rate: 0.1\n", "gpu": ""}),
      ValueError, r"Invalid key\(s\) \['learning_rate'\] in .*: not parameters of tiny\.ipynb "
-                 r"\(expected some of \['lr', 'steps'\]"),
+                 r"\(expected some of \['lr', 'seeds', 'steps'\]"),
+    ("config_value_of_another_kind", lambda t: _notebook_params(t, {"cpu": "steps: ten\n", "gpu": ""}),
+     ValueError, r"Invalid value for 'steps' in .*cpu/demo/tiny\.yaml: 'ten' \(expected an int, like the "
+                 r"notebook's default 1\)"),
+    ("config_list_item_of_another_kind", lambda t: _notebook_params(t, {"cpu": "lr: 1\n", "gpu": "seeds: [0, 1.5]\n"}),
+     ValueError, r"Invalid value for 'seeds' in .*gpu/demo/tiny\.yaml: \[0, 1\.5\] \(expected a list of int"),
     ("config_not_a_mapping", lambda t: _notebook_params(t, {"cpu": "- steps\n", "gpu": ""}),
      ValueError, r"Invalid config: .*cpu/demo/tiny\.yaml holds a list \(expected a mapping"),
     # experiments: the notebooks' functions and knob values
@@ -251,6 +256,10 @@ CASES = [
      ValueError, r"Invalid notebook: '\.\./elsewhere' \(expected a path under notebooks/, e\.g\. 'galore/galore'\)"),
     ("missing_run_record", lambda t: records.load(t),
      FileNotFoundError, r"no run record at .*metrics\.json: run the notebook first \(make reproduce\)"),
+    ("check_unknown_profile", lambda t: reports.check_reports("fast"),
+     ValueError, r"Invalid profile: 'fast' \(expected one of \['smoke', 'cpu', 'gpu', 'paper'\]\)"),
+    ("corrupt_run_record", lambda t: (_write(t / "metrics.json", '{"schema": 1, "runs": {'), records.load(t)),
+     ValueError, r"metrics\.json: not a run record \(truncated or corrupt JSON: .*\); delete it and rerun"),
     # non-finite values: the optimizer used on its own, and the training loop
     ("non_finite_gradient_galore_step", lambda t: _nan_step(GaLoreAdamW([{"params": [p := _w(8, 6)], "rank": 2}]), p),
      NonFiniteGradient, r"non-finite gradient \(NaN or Inf\) in a \(8, 6\) parameter, index 0 of the optimizer's "

@@ -267,7 +267,7 @@ class AdaLomo(FusedOptimizer):
             P.copy_(Uk[..., :k] * sq)
             Q.copy_(Vh[..., :k, :].mT * sq)
             del T, Uk, Vh
-            V = (P @ Q.mT).clamp_min_(eps1)  # SVD factors can go negative
+            V = self._clamp(P @ Q.mT, eps1, "svd", k)  # SVD factors can go negative
         else:  # "qr": rank-revealing QR (column pivoting) of the target, truncated to k columns
             Q, W = state["Q"], state["W"]
             T = (Q @ W).mul_(beta2).add_(S, alpha=1 - beta2)
@@ -276,8 +276,22 @@ class AdaLomo(FusedOptimizer):
             Q.copy_(Qk)
             W.copy_(Rk)  # R's first k rows in the original column order: W = Q^T T
             del T, Qk, Rk
-            V = (Q @ W).clamp_min_(eps1)  # Q Q^T T can go negative
+            V = self._clamp(Q @ W, eps1, "qr", k)  # Q Q^T T can go negative
         return V.rsqrt_().mul_(g)
+
+    def _clamp(self, V: torch.Tensor, eps1: float, kind: str, k: int) -> torch.Tensor:
+        """V clamped to >= eps1. At rank 1 the svd and qr factors of the non-negative target are non-negative
+        (Perron-Frobenius; a pivoted column of T), so nothing is clamped; at rank >= 2 entries can go negative,
+        and a clamped entry gets an update of order g / sqrt(eps1) that the normalisation then makes the whole
+        update of its tensor: warned once per optimizer."""
+        if k >= 2 and not getattr(self, "_warned_clamp", False) and bool((V < eps1).any()):
+            self._warned_clamp = True
+            warnings.warn(f"AdaLomo second_moment={kind!r} at rank {k}: {int((V < eps1).sum())} of {V.numel()} "
+                          f"second-moment entries were negative or below eps1={eps1:g} and are clamped to it; those "
+                          "entries then carry almost all of their tensor's normalised update (docs/methods.md, "
+                          "AdaLomo rank-k second moments). Rank 1, or 'nmf' at any rank, has no such entries.",
+                          stacklevel=2)
+        return V.clamp_min_(eps1)
 
     # ---- update --------------------------------------------------------------------------------
     def _update(self, p, g, group):
