@@ -68,10 +68,14 @@ data: setup
 # regenerates and commits the reference.
 test: unit nbval
 	$(PY) -m lrkit.reports check --profile smoke
+# TEST_JOBS pytest workers side by side (pytest-xdist; default one per core, TEST_JOBS=0 for none): unit tests
+# one by one (tests sharing processes carry an xdist_group mark), each notebook whole on one worker.
+TEST_JOBS ?= $(JOBS)
 unit: setup data
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup tests
 nbval: setup data
-	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env --nbval-cell-timeout=600 notebooks
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile --nbval-lax --nbval-current-env \
+	  --nbval-cell-timeout=600 notebooks
 # Tests that can fail: each mutant in tests/mutants/*.yaml breaks the code once; its test must then fail.
 mutants: setup data
 	$(PY) tests/run_mutants.py

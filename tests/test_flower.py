@@ -347,6 +347,8 @@ def deployment(tmp_path_factory):
         d.down()
 
 
+# One worker runs both (make test's pytest-xdist --dist loadgroup): they share the deployment's processes.
+@pytest.mark.xdist_group("superlink")
 @pytest.mark.slow
 def test_flower_app_on_real_superlink_and_supernodes(deployment):
     """The README's deployment commands: a SuperLink and SuperNodes as separate processes on loopback,
@@ -362,6 +364,7 @@ def _dropped(history):
     return [[(d["client"], d["stage"]) for d in h.get("dropped_clients", ())] for h in history]
 
 
+@pytest.mark.xdist_group("superlink")
 @pytest.mark.slow
 def test_flower_supernode_dying_and_a_raising_client_are_left_out(deployment):
     """Faults on real processes, one round: client 1's ClientApp raises (a Flower error reply) and client 2's
