@@ -241,11 +241,17 @@ def run_notebook(nb: str | Path, profile: str = "auto", overrides: dict | None =
     return final
 
 
+# The lab template's two scripts from a CDN (require.js for widgets, MathJax for LaTeX): the notebooks use
+# neither, and a page read offline would log a failed load for each. Stripped, the page is self-contained
+# (inline CSS, figures as inline PNG).
+_CDN_SCRIPT = re.compile(r'<script src="https?://[^"]*">\s*</script>\n?')
+
+
 def _export_html(executed: Path) -> None:
     from nbconvert import HTMLExporter
 
     body, _ = HTMLExporter(template_name="lab").from_filename(str(executed))
-    atomic_write_bytes(executed.with_suffix(".html"), body.encode())
+    atomic_write_bytes(executed.with_suffix(".html"), _CDN_SCRIPT.sub("", body).encode())
 
 
 def _replace_dir(new: Path, target: Path) -> None:

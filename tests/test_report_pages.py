@@ -3,6 +3,8 @@ Debian's headless chromium through Playwright; a broken image, a card without it
 wider than its card or a console error fails; a screenshot of the index is saved."""
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,31 @@ def test_every_executed_notebook_page_present_loads_cleanly(browser):
         assert not found["broken"], f"{path}: broken images {found['broken']}"
         assert not [e for e in errors if "favicon" not in e], f"{path}: console errors {errors}"
         page.close()
+
+
+def test_an_executed_notebook_page_made_here_loads_cleanly(browser, tmp_path):
+    """The executed pages are not committed, so CI makes one: the quickest notebook at smoke size through the
+    runner (papermill, then the HTML export), into a scratch reports directory; its page must show its figures
+    (inline images, none broken) without a console error, and the index built there must link to it."""
+    from lrkit import records
+
+    nb = reports.NOTEBOOKS_DIR / "fedlrt" / "ablation_initial_rank.ipynb"
+    tuning = records.report_dir("fedlrt/tuning", "cpu") / "metrics.json"  # the kernel reads the tuned rates
+    (tmp_path / "fedlrt/tuning/cpu").mkdir(parents=True)
+    shutil.copy(tuning, tmp_path / "fedlrt/tuning/cpu/metrics.json")
+    env = {**os.environ, "LRKIT_REPORTS": str(tmp_path)}
+    for cmd in (["run", str(nb), "--profile", "smoke"], ["index", "--profile", "smoke"]):
+        res = subprocess.run([sys.executable, "-m", "lrkit.reports", *cmd], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+    html = tmp_path / "fedlrt/ablation_initial_rank/smoke/ablation_initial_rank.html"
+    page, errors = _load(browser, html)
+    found = page.evaluate(PAGE_CHECKS)
+    n_images = page.evaluate("() => document.images.length")
+    assert n_images >= 1 and not found["broken"], (n_images, found["broken"])
+    assert not [e for e in errors if "favicon" not in e], errors
+    page.close()
+    index, errors = _load(browser, tmp_path / "index.html")
+    links = index.evaluate("() => Array.from(document.querySelectorAll('a')).map(a => a.getAttribute('href'))")
+    assert "fedlrt/ablation_initial_rank/smoke/ablation_initial_rank.html" in links and not errors
+    index.close()
