@@ -36,8 +36,15 @@ def lab(tmp_path):
     cmd = [str(Path(sys.executable).with_name("jupyter")), "lab", *flags, f"--notebook-dir={tmp_path}",
            f"--LabApp.app_settings_dir={REPO_ROOT / 'configs' / 'jupyterlab'}", "--ServerApp.port=0",
            f"--IdentityProvider.token={TOKEN}", "--LabApp.expose_app_in_browser=True"]
+    # The kernel's records go to a scratch reports directory (never over the committed smoke reference; this
+    # run's thread count is JupyterLab's, not make's one), with the tuned rates the notebook reads.
+    from lrkit import records
+    tuned = records.report_dir("fedlrt/tuning", "cpu") / "metrics.json"
+    (tmp_path / "reports/fedlrt/tuning/cpu").mkdir(parents=True)
+    shutil.copy(tuned, tmp_path / "reports/fedlrt/tuning/cpu/metrics.json")
+    env = {**os.environ, "JUPYTER_PLATFORM_DIRS": "1", "LRKIT_REPORTS": str(tmp_path / "reports")}
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "JUPYTER_PLATFORM_DIRS": "1"}, start_new_session=True)
+                            env=env, start_new_session=True)
     url, log, deadline = None, [], time.monotonic() + 90
     while url is None:
         line = proc.stdout.readline()
@@ -51,7 +58,7 @@ def lab(tmp_path):
     proc.wait(timeout=30)
 
 
-def test_lab_runs_a_notebook_in_chromium(lab):
+def test_lab_runs_a_notebook_in_chromium(lab, tmp_path):
     from playwright.sync_api import sync_playwright
 
     url, log = lab
@@ -83,3 +90,4 @@ def test_lab_runs_a_notebook_in_chromium(lab):
     assert not errors, errors
     assert images >= 1  # the notebook's figures rendered in the page
     assert news == 0, "the first-run news prompt is showing"
+    assert (tmp_path / "reports" / Path(NOTEBOOK).with_suffix("") / "smoke" / "metrics.json").exists()
