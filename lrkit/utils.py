@@ -29,6 +29,17 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` is finite. Its min and max in one pass (NaN propagates through both, an
+    infinity shows in one): the same answer as ``torch.isfinite(t).all()``, which writes a bool tensor of t's
+    size first; about 20x faster on CPU (2.5 against 48 ms for a 32000 x 512 embedding gradient), and the
+    in-backward optimizers check every gradient with it."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """'auto' picks CUDA when available, else CPU; anything else is passed to torch.device."""
     if device == "auto":

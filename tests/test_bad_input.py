@@ -288,3 +288,18 @@ def test_bad_input_is_an_error_naming_the_value(make, error, pattern, tmp_path):
 def test_the_table_counts_its_classes():
     names = [c[0] for c in CASES]
     assert len(names) == len(set(names)) == int(re.search(r"(\d+) classes", __doc__).group(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_all_finite_is_isfinite_all(dtype):
+    """lrkit.utils.all_finite (min and max in one pass, what the in-backward optimizers check every gradient
+    with) answers as torch.isfinite(t).all() for NaN, +-Inf anywhere, finite extremes, empty and 0-d tensors."""
+    from lrkit.utils import all_finite
+
+    big = torch.finfo(dtype).max
+    for bad in (float("nan"), float("inf"), -float("inf"), big, -big, 0.0):
+        for where in (0, 17, -1):
+            t = torch.randn(6, 7).to(dtype)
+            t.view(-1)[where] = bad
+            assert all_finite(t) == bool(torch.isfinite(t).all()), (bad, where)
+    assert all_finite(torch.empty(0, dtype=dtype)) and not all_finite(torch.tensor(float("nan"), dtype=dtype))

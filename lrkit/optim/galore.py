@@ -26,6 +26,7 @@ import torch
 from torch.optim import Optimizer
 
 from lrkit.optim.in_backward import InBackwardOptimizer, NonFiniteGradient
+from lrkit.utils import all_finite
 
 PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
 PROJ_METHODS = ("svd", "randomized_svd", "random", "online_pca")
@@ -306,7 +307,7 @@ class GaLoreAdamW(Optimizer):
         due = method == "online_pca" or t % group["update_proj_gap"] == 0
         if not first and not (group["switch_subspace"] and due):
             return
-        if not bool(torch.isfinite(G).all()):  # the SVD would raise a bare LinAlgError (or, on CUDA, return NaN)
+        if not all_finite(G):  # the SVD would raise a bare LinAlgError (or, on CUDA, return NaN)
             raise NonFiniteGradient(p, f"non-finite gradient (NaN or Inf) in a {tuple(p.shape)} parameter, index "
                                        f"{index} of the optimizer's parameters, at step {t} (a projector refresh)")
         side, r = projector_side(G.shape, group["proj_type"]), group["rank"]

@@ -55,6 +55,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from lrkit.utils import all_finite
+
 CLIPPINGS = ("two_pass", "deferred")
 REDUCTIONS = ("auto", "mean", "none")
 
@@ -190,7 +192,7 @@ class InBackwardOptimizer:
 
     def _consume(self, p: torch.Tensor, coef: torch.Tensor | None) -> None:
         grad = p.grad
-        if not bool(torch.isfinite(grad).all()):  # stop before a NaN reaches the weights (or an SVD)
+        if not all_finite(grad):  # stop before a NaN reaches the weights (or an SVD)
             raise NonFiniteGradient(p, f"non-finite gradient (NaN or Inf) in a {tuple(p.shape)} parameter, "
                                        f"index {self._order[id(p)]} of the optimizer's parameters")
         if self.fused:
