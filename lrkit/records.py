@@ -58,6 +58,17 @@ def report_dir(notebook: str, profile: str, root: Path | None = None) -> Path:
     return Path(root or REPORTS_DIR) / notebook / profile
 
 
+def tuning_record(paper: str, profile: str, root: Path | None = None) -> Path | None:
+    """The tuning record a paper's notebooks read their learning rates from at ``profile``:
+    ``reports/<paper>/tuning/<profile>/metrics.json``, at smoke falling back to the committed cpu one (nbval runs
+    the tuning notebook after the others); None when there is none."""
+    for p in [profile] + (["cpu"] if profile == "smoke" else []):
+        path = report_dir(f"{paper}/tuning", p, root) / "metrics.json"
+        if path.exists():
+            return path
+    return None
+
+
 def save_run(out_dir: str | Path, result: RunResult) -> Path:
     """Add (or replace) one run in ``out_dir/metrics.json``; atomic, so a crash leaves the old file."""
     out_dir = Path(out_dir)

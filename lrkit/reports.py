@@ -153,11 +153,9 @@ def run_inputs(nb: Path, profile: str, code: dict | None = None) -> dict:
                for x in layers if (CONFIGS_DIR / x / f"{key}.yaml").exists()}
     tuned = None
     if (nb.parent / "tuning.ipynb").exists() and nb.stem != "tuning":  # the record experiments.tuned reads
-        for p in [profile] + (["cpu"] if profile == "smoke" else []):
-            t = records.report_dir(f"{Path(key).parent.as_posix()}/tuning", p) / "metrics.json"
-            if t.exists():
-                tuned = _sha(json.dumps(records.load(t).get("summary", {}).get("tuned"), sort_keys=True).encode())
-                break
+        t = records.tuning_record(Path(key).parent.as_posix(), profile)
+        if t is not None:
+            tuned = _sha(json.dumps(records.load(t).get("summary", {}).get("tuned"), sort_keys=True).encode())
     files = code if code is not None else {p.relative_to(REPO_ROOT).as_posix(): None
                                             for p in sorted((REPO_ROOT / "lrkit").rglob("*.py"))}
     now = {rel: (_sha((REPO_ROOT / rel).read_bytes()) if (REPO_ROOT / rel).exists() else "deleted")

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import hand_state_numel, held_state_bytes
 from lrkit.optim.adalomo import AdaLomo, adalomo_state_numel, layer_groups, nmf_refine
 from lrkit.optim.lomo import Lomo
 
@@ -355,27 +356,6 @@ def test_rank1_nmf_reduces_to_closed_form():
         c = beta2 * c + (1 - beta2) * S.double().mean(0)
         A, B = nmf_refine(beta2 * A @ B.T + (1 - beta2) * S, A, B, iters=1)
         torch.testing.assert_close((A @ B.T).double(), torch.outer(r, c) / r.mean(), rtol=1e-5, atol=0)
-
-
-def hand_state_numel(shape, second_moment="nmf", factor_rank=1):
-    """docs/methods.md, section 2, counted by hand (not lrkit's formula): a vector (or "full") keeps an EMA
-    of its own size; an n x m matrix (leading dims a batch) keeps n + m at rank 1 and k (n + m) at rank k
-    ("nmf" A, B; "svd" P, Q; "qr" Q, W), k = min(factor_rank, n, m)."""
-    if len(shape) < 2 or second_moment == "full":
-        return math.prod(shape)
-    *b, n, m = shape
-    return math.prod(b) * min(factor_rank, n, m) * (n + m)
-
-
-def held_state_bytes(opt):
-    """Bytes of the storage behind every tensor in opt.state (each storage once): what is really held,
-    views and shared buffers included at their full size."""
-    storages = {}
-    for s in opt.state.values():
-        for v in s.values():
-            if torch.is_tensor(v):
-                storages[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
-    return sum(storages.values())
 
 
 def test_memory_accounting():

@@ -16,11 +16,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from unittest import mock
 
-import nbformat
 import numpy as np
 import pytest
 import torch
 
+from helpers import tiny_notebook
 from lrkit import data, experiments, records, reports
 from lrkit import train as train_mod
 from lrkit.data import ChecksumError, DataUnavailableError
@@ -77,17 +77,8 @@ RECIPE = "method: full\nmodel_size: nano\ntrain: {steps: 2}\n"
 
 
 def _notebook_params(tmp, layers: dict, profile="gpu"):
-    """notebook_parameters on a one-cell notebook in a sandbox notebooks/ and configs/ ({layer: YAML text})."""
-    nb = tmp / "notebooks" / "demo" / "tiny.ipynb"
-    doc = nbformat.v4.new_notebook()
-    doc.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    cell = nbformat.v4.new_code_cell('profile = "smoke"\nreport_dir = ""\nsteps = 1\nlr = 0.1\nseeds = [0]')
-    cell.metadata["tags"] = ["parameters"]
-    doc.cells = [cell]
-    nb.parent.mkdir(parents=True)
-    nbformat.write(doc, nb)
-    for layer, body in layers.items():
-        _write(tmp / "configs" / layer / "demo" / "tiny.yaml", body)
+    """notebook_parameters on helpers.tiny_notebook in a sandbox notebooks/ and configs/ ({layer: YAML text})."""
+    nb = tiny_notebook(tmp, layers)
     with mock.patch.object(reports, "NOTEBOOKS_DIR", tmp / "notebooks"), \
             mock.patch.object(reports, "CONFIGS_DIR", tmp / "configs"):
         return reports.notebook_parameters(nb, profile)

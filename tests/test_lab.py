@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import scratch_reports
 from lrkit.utils import REPO_ROOT, REPORTS_DIR
 
 CHROMIUM = shutil.which("chromium")
@@ -38,11 +39,7 @@ def lab(tmp_path):
            f"--IdentityProvider.token={TOKEN}", "--LabApp.expose_app_in_browser=True"]
     # The kernel's records go to a scratch reports directory (never over the committed smoke reference; this
     # run's thread count is JupyterLab's, not make's one), with the tuned rates the notebook reads.
-    from lrkit import records
-    tuned = records.report_dir("fedlrt/tuning", "cpu") / "metrics.json"
-    (tmp_path / "reports/fedlrt/tuning/cpu").mkdir(parents=True)
-    shutil.copy(tuned, tmp_path / "reports/fedlrt/tuning/cpu/metrics.json")
-    env = {**os.environ, "JUPYTER_PLATFORM_DIRS": "1", "LRKIT_REPORTS": str(tmp_path / "reports")}
+    env = {**os.environ, "JUPYTER_PLATFORM_DIRS": "1", "LRKIT_REPORTS": str(scratch_reports(tmp_path / "reports"))}
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True)
     url, log, deadline = None, [], time.monotonic() + 90

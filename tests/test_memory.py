@@ -5,6 +5,7 @@ import weakref
 import pytest
 import torch
 
+from helpers import hand_state_numel, held_state_bytes
 from lrkit.memory import GradientPeak
 from lrkit.methods import prepare
 from lrkit.models import build_llama
@@ -55,24 +56,6 @@ class LiveGradients:
             h.remove()
 
 
-def _held_storage_bytes(opt):
-    storages = {}
-    for s in opt.state.values():
-        for v in s.values():
-            if torch.is_tensor(v):
-                storages[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
-    return sum(storages.values())
-
-
-def _hand_state_numel(shape, second_moment, k):
-    # docs/methods.md section 2, by hand: vectors and "full" keep their own size, an n x m matrix n + m at
-    # rank 1 and k (n + m) at rank k ("nmf" A, B; "svd" P, Q; "qr" Q, W)
-    if len(shape) < 2 or second_moment == "full":
-        return math.prod(shape)
-    n, m = shape
-    return min(k, n, m) * (n + m)
-
-
 @pytest.mark.parametrize("second_moment,k,fused", [("nmf", 1, True), ("nmf", 1, False), ("nmf", 2, True),
                                                     ("svd", 2, True), ("qr", 4, True), ("full", 1, True)])
 def test_adalomo_state_and_live_gradients_measured(second_moment, k, fused):
@@ -84,13 +67,13 @@ def test_adalomo_state_and_live_gradients_measured(second_moment, k, fused):
     model = build_llama("nano", VOCAB, 32, seed=0)
     live = LiveGradients(model)  # before the optimizer: its hook runs first
     opt = AdaLomo(model.parameters(), lr=1e-3, second_moment=second_moment, factor_rank=k, fused=fused)
-    hand = 4 * sum(_hand_state_numel(tuple(p.shape), second_moment, k) for p in model.parameters())
+    hand = 4 * sum(hand_state_numel(tuple(p.shape), second_moment, k) for p in model.parameters())
     for step in range(2):
         lm_loss(model, X).backward()
         opt.step()
         opt.zero_grad()
         assert live.alive_bytes() == 0, f"gradients alive after step {step}"
-        assert _held_storage_bytes(opt) == hand
+        assert held_state_bytes(opt) == hand
     live.remove()
     largest = 4 * VOCAB * 64  # the embedding and the head, 256 x 64
     assert live.peak == (largest if fused else sum(4 * p.numel() for p in model.parameters()))

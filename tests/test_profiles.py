@@ -6,11 +6,11 @@ import dataclasses
 import re
 from pathlib import Path
 
-import nbformat
 import papermill
 import pytest
 import yaml
 
+from helpers import tiny_notebook
 from lrkit import data, experiments, records, reports
 from lrkit.data.text import _byte_bpe, read_c4_shard
 
@@ -51,18 +51,7 @@ def test_every_key_of_a_paper_yaml_names_its_source(cfg):
 def _sandbox_notebook(tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr(reports, "NOTEBOOKS_DIR", tmp_path / "notebooks")
     monkeypatch.setattr(reports, "CONFIGS_DIR", tmp_path / "configs")
-    nb = tmp_path / "notebooks" / "demo" / "tiny.ipynb"
-    doc = nbformat.v4.new_notebook()
-    doc.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    params = nbformat.v4.new_code_cell('profile = "smoke"\nreport_dir = ""\nsteps = 1\nlr = 0.1')
-    params.metadata["tags"] = ["parameters"]
-    doc.cells = [params]
-    nb.parent.mkdir(parents=True)
-    nbformat.write(doc, nb)
-    for layer, body in (("cpu", "steps: 10\n"), ("gpu", "steps: 100\n")):
-        (tmp_path / "configs" / layer / "demo").mkdir(parents=True)
-        (tmp_path / "configs" / layer / "demo" / "tiny.yaml").write_text(body)
-    return nb
+    return tiny_notebook(tmp_path, {"cpu": "steps: 10\n", "gpu": "steps: 100\n"})
 
 
 def test_a_profile_without_its_config_is_an_error_naming_the_file(tmp_path, monkeypatch):
@@ -81,7 +70,7 @@ def test_an_unknown_key_is_an_error_naming_it_and_the_parameters(tmp_path, monke
     nb = _sandbox_notebook(tmp_path, monkeypatch)
     (tmp_path / "configs" / "paper" / "demo").mkdir(parents=True)
     (tmp_path / "configs" / "paper" / "demo" / "tiny.yaml").write_text("steps: 1000\nlearning_rate: 0.01\n")
-    with pytest.raises(ValueError, match=r"\['learning_rate'\].*not parameters of tiny.ipynb.*\['lr', 'steps'\]"):
+    with pytest.raises(ValueError, match=r"\['learning_rate'\].*not parameters of tiny.ipynb.*\['lr', 'seeds', 'steps'\]"):
         reports.notebook_parameters(nb, "paper")
     (tmp_path / "configs" / "paper" / "demo" / "tiny.yaml").write_text("profile: cpu\n")
     with pytest.raises(ValueError, match=r"\['profile'\]"):

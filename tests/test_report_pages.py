@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import scratch_reports
 from lrkit import reports
 from lrkit.utils import REPORTS_DIR
 
@@ -83,13 +84,8 @@ def test_an_executed_notebook_page_made_here_loads_cleanly(browser, tmp_path):
     """The executed pages are not committed, so CI makes one: the quickest notebook at smoke size through the
     runner (papermill, then the HTML export), into a scratch reports directory; its page must show its figures
     (inline images, none broken) without a console error, and the index built there must link to it."""
-    from lrkit import records
-
     nb = reports.NOTEBOOKS_DIR / "fedlrt" / "ablation_initial_rank.ipynb"
-    tuning = records.report_dir("fedlrt/tuning", "cpu") / "metrics.json"  # the kernel reads the tuned rates
-    (tmp_path / "fedlrt/tuning/cpu").mkdir(parents=True)
-    shutil.copy(tuning, tmp_path / "fedlrt/tuning/cpu/metrics.json")
-    env = {**os.environ, "LRKIT_REPORTS": str(tmp_path)}
+    env = {**os.environ, "LRKIT_REPORTS": str(scratch_reports(tmp_path))}
     for cmd in (["run", str(nb), "--profile", "smoke"], ["index", "--profile", "smoke"]):
         res = subprocess.run([sys.executable, "-m", "lrkit.reports", *cmd], env=env, capture_output=True, text=True,
                              timeout=300)

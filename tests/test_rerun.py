@@ -1,13 +1,13 @@
 """`make reproduce` reruns only what is missing or stale (lrkit.reports.stale_reason, `run --if-stale`)."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import scratch_reports
 from lrkit import records, reports
 from lrkit.utils import REPO_ROOT
 
@@ -72,12 +72,7 @@ def test_notebook_digest_ignores_outputs_not_sources(tmp_path):
 
 
 def test_cli_runs_once_then_skips_and_records_the_kernels_code(tmp_path):
-    # The kernel reads the committed tuned rates: give the scratch reports directory a copy.
-    src = records.report_dir("fedlrt/tuning", "cpu") / "metrics.json"
-    dst = records.report_dir("fedlrt/tuning", "cpu", tmp_path) / "metrics.json"
-    dst.parent.mkdir(parents=True)
-    shutil.copy(src, dst)
-    env = {**os.environ, "LRKIT_REPORTS": str(tmp_path)}
+    env = {**os.environ, "LRKIT_REPORTS": str(scratch_reports(tmp_path))}
     cmd = [sys.executable, "-m", "lrkit.reports", "run", str(NB), "--profile", "smoke", "--if-stale"]
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]

@@ -255,18 +255,16 @@ def tuned(paper: str, profile: str, group: str = "") -> dict:
     """The learning rates a paper's tuning notebook chose ({arm: lr}), read from its record
     ``reports/<paper>/tuning/<profile>``. At the smoke profile, without a smoke record, the committed cpu
     record is used (nbval runs the tuning notebook after the others)."""
-    order = [profile] + (["cpu"] if profile == "smoke" else [])
-    for prof in order:
-        path = records.report_dir(f"{paper}/tuning", prof) / "metrics.json"
-        if path.exists():
-            doc = records.load(path)
-            groups = doc.get("summary", {}).get("tuned", {})
-            if group not in groups:
-                raise KeyError(f"{path} has no tuning group {group!r} (it has {sorted(groups)})")
-            return {arm: v["lr"] for arm, v in groups[group].items()}
-    raise FileNotFoundError(f"no tuning record for {paper!r} at profile {profile!r} "
-                            f"(looked for {[str(records.report_dir(f'{paper}/tuning', p)) for p in order]}): "
-                            f"run `make run/notebooks/{paper}/tuning.ipynb PROFILE={profile}` first")
+    path = records.tuning_record(paper, profile)
+    if path is None:
+        order = [profile] + (["cpu"] if profile == "smoke" else [])
+        raise FileNotFoundError(f"no tuning record for {paper!r} at profile {profile!r} "
+                                f"(looked for {[str(records.report_dir(f'{paper}/tuning', p)) for p in order]}): "
+                                f"run `make run/notebooks/{paper}/tuning.ipynb PROFILE={profile}` first")
+    groups = records.load(path).get("summary", {}).get("tuned", {})
+    if group not in groups:
+        raise KeyError(f"{path} has no tuning group {group!r} (it has {sorted(groups)})")
+    return {arm: v["lr"] for arm, v in groups[group].items()}
 
 
 # ------------------------------------------------------------------------------------------ report

@@ -1,0 +1,61 @@
+"""Helpers shared by several test modules (pytest puts tests/ on sys.path: ``from helpers import ...``)."""
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import nbformat
+import torch
+
+from lrkit import records
+
+
+def tiny_notebook(root: Path, layers: dict[str, str]) -> Path:
+    """A one-cell notebook ``root/notebooks/demo/tiny.ipynb`` (parameters: steps = 1, lr = 0.1, seeds = [0], and
+    the runner's profile and report_dir) with a YAML per profile layer in ``root/configs/<layer>/demo/tiny.yaml``
+    ({layer: YAML text}); point lrkit.reports' NOTEBOOKS_DIR and CONFIGS_DIR at ``root`` to use it."""
+    nb = root / "notebooks" / "demo" / "tiny.ipynb"
+    doc = nbformat.v4.new_notebook()
+    doc.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    cell = nbformat.v4.new_code_cell('profile = "smoke"\nreport_dir = ""\nsteps = 1\nlr = 0.1\nseeds = [0]')
+    cell.metadata["tags"] = ["parameters"]
+    doc.cells = [cell]
+    nb.parent.mkdir(parents=True)
+    nbformat.write(doc, nb)
+    for layer, body in layers.items():
+        path = root / "configs" / layer / "demo" / "tiny.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(body)
+    return nb
+
+
+def scratch_reports(root: Path) -> Path:
+    """A reports directory for a notebook run outside the real one (``LRKIT_REPORTS=root``), holding the committed
+    FeDLRT tuning record that the fedlrt notebooks read their learning rates from."""
+    src = records.report_dir("fedlrt/tuning", "cpu") / "metrics.json"
+    dst = records.report_dir("fedlrt/tuning", "cpu", root) / "metrics.json"
+    dst.parent.mkdir(parents=True)
+    shutil.copy(src, dst)
+    return root
+
+
+def hand_state_numel(shape, second_moment="nmf", factor_rank=1):
+    """AdaLomo's second-moment state of one parameter, counted by hand from docs/methods.md section 2 (not
+    lrkit's formula): a vector (or "full") keeps an EMA of its own size; an n x m matrix (leading dims a batch)
+    keeps n + m at rank 1 and k (n + m) at rank k ("nmf" A, B; "svd" P, Q; "qr" Q, W), k = min(factor_rank, n, m)."""
+    if len(shape) < 2 or second_moment == "full":
+        return math.prod(shape)
+    *b, n, m = shape
+    return math.prod(b) * min(factor_rank, n, m) * (n + m)
+
+
+def held_state_bytes(opt):
+    """Bytes of the storage behind every tensor in opt.state (each storage once): what is really held,
+    views and shared buffers included at their full size."""
+    storages = {}
+    for s in opt.state.values():
+        for v in s.values():
+            if torch.is_tensor(v):
+                storages[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+    return sum(storages.values())
