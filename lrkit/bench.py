@@ -10,12 +10,13 @@ Each number is the median of ``--repeats`` timings after untimed warm-up ones, a
   (gradients fixed; optimizers that update inside backward have none) and the training step (forward,
   backward, update). GaLore's refresh (the SVD every T steps) is timed apart, as a step that refreshes
   (update_proj_gap = 1) minus one that does not, and amortised: step(T) = plain step + refresh / T,
-  for T = 200 and the refresh-heavy T = 10; the kit's and galore-torch's optimizer steps are timed in turns.
+  for T = 200 and the refresh-heavy T = 10; the kit's (with its default SVD refresh, galore-torch's numbers,
+  and with ``proj_method="eigh"``, "galore eigh") and galore-torch's optimizer steps are timed in turns.
   Memory: optimizer-state bytes and the peak gradient bytes alive at once (CPU), peak allocated (CUDA).
 * ``refresh``: one projector refresh of each block-weight shape of LLaMA-60M at rank 128 by full SVD,
-  randomized SVD (power_iters 2, the default, and 1) and random projection; and the final validation
-  perplexity of one short GaLore run with each (refresh every 10 steps), against the full SVD's, with
-  the full SVD at a second seed as the noise floor of that comparison.
+  the float64 Gram eigendecomposition ("eigh"), randomized SVD (power_iters 2, the default, and 1) and
+  random projection; and the final validation perplexity of one short GaLore run with each (refresh every
+  10 steps), against the full SVD's, with the full SVD at a second seed as the noise floor of that comparison.
 * ``fed``: FeDLRT (initial rank 8, tau 0.02: the cpu profile's) against FedAvg, one round each on 2
   clients of random data: bytes per client and round, client FLOPs (the accounting of lrkit.fed.simulate),
   client wall time, for the cpu-profile vision MLP and ResNet18 at full width (it fits a CPU: measured,
@@ -40,17 +41,18 @@ import torch
 from lrkit.memory import GradientPeak, optimizer_state_bytes
 from lrkit.methods import block_linears, prepare
 from lrkit.models import build_llama, count_parameters
-from lrkit.optim.galore import _orthonormal, _randomized_svd
+from lrkit.optim.galore import _orthonormal, _randomized_svd, gram_eigh
 from lrkit.train import backward_and_clip, lm_loss
 from lrkit.utils import REPORTS_DIR, atomic_write_bytes, device_info, resolve_device, seed_everything
 
 RANKS = {"nano": 8, "micro": 32, "20m": 64, "60m": 128, "130m": 256, "350m": 256, "1b": 512}  # GaLore paper's
 SIZES = {"cpu": ("micro", "20m", "60m"), "cuda": ("60m", "130m", "350m", "1b")}
 NO_REFRESH = 10**9  # update_proj_gap that never comes round inside a benchmark
-GALORE = ("galore", "galore per-layer", "galore-torch")
-OPTIMIZERS = ("adamw (torch)", "galore", "galore per-layer", "galore-torch", "adalomo fused", "adalomo unfused",
-              "lomo", "adafactor")
-REFRESH_METHODS = {"svd": dict(proj_method="svd"), "randomized_svd": dict(proj_method="randomized_svd"),
+GALORE = ("galore", "galore eigh", "galore per-layer", "galore-torch")
+PAIRED = ("galore", "galore eigh", "galore-torch")  # timed in turns, see _galore_pair
+OPTIMIZERS = ("adamw (torch)", "galore", "galore eigh", "galore per-layer", "galore-torch", "adalomo fused",
+              "adalomo unfused", "lomo", "adafactor")
+REFRESH_METHODS = {"svd": dict(proj_method="svd"), "eigh": dict(proj_method="eigh"), "randomized_svd": dict(proj_method="randomized_svd"),
                    "randomized_svd (power_iters 1)": dict(proj_method="randomized_svd", power_iters=1),
                    "random": dict(proj_method="random")}
 QUICK = dict(sizes=("nano",), vocab=128, batch_size=2, seq_len=16, repeats=2, warmup=1,
@@ -106,6 +108,7 @@ def build_optimizer(name, model, rank, update_proj_gap=NO_REFRESH):
             warnings.simplefilter("ignore", FutureWarning)  # its HF AdamW deprecation notice
             return model, Official(groups, lr=1e-2)
     kw = {"galore": dict(method="galore", lr=1e-2, **galore),
+          "galore eigh": dict(method="galore", lr=1e-2, proj_method="eigh", **galore),
           "galore per-layer": dict(method="galore", lr=1e-2, per_layer=True, **galore),
           "adalomo fused": dict(method="adalomo", lr=1e-3),
           "adalomo unfused": dict(method="adalomo", lr=1e-3, fused=False),
@@ -155,7 +158,8 @@ def bench_steps(size, cfg, device, optimizers=OPTIMIZERS) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     batch = torch.randint(0, cfg["vocab"], (cfg["batch_size"], cfg["seq_len"] + 1), generator=gen).to(device)
     rank, rows = RANKS[size], []
-    pair = _galore_pair(size, rank, batch, cfg, device) if {"galore", "galore-torch"} <= set(optimizers) else {}
+    pair = _galore_pair(size, rank, batch, cfg, [n for n in PAIRED if n in optimizers], device) \
+        if {"galore", "galore-torch"} <= set(optimizers) else {}
     for name in optimizers:
         def fresh(gap=NO_REFRESH):
             seed_everything(0)
@@ -171,7 +175,7 @@ def bench_steps(size, cfg, device, optimizers=OPTIMIZERS) -> list[dict]:
         elif not getattr(opt, "updates_in_backward", False):  # the optimizer step alone, gradients fixed
             _fixed_gradients(model, batch)
             row["opt_step_ms"] = median_ms(opt.step, cfg["repeats"], cfg["warmup"], device)
-        if name in ("galore", "galore-torch") and name not in pair:
+        if name in PAIRED and name not in pair:
             m2, o2 = fresh(gap=1)  # every step refreshes
             _fixed_gradients(m2, batch)
             row["refresh_step_ms"] = median_ms(o2.step, cfg["repeats"], cfg["warmup"], device)
@@ -182,11 +186,11 @@ def bench_steps(size, cfg, device, optimizers=OPTIMIZERS) -> list[dict]:
     return rows
 
 
-def _galore_pair(size, rank, batch, cfg, device) -> dict:
-    """The kit's GaLoreAdamW and galore-torch's, optimizer step alone at equal settings, timed in turns
-    (kit, official, kit, ...) so that a load that comes and goes on the machine hits both alike:
-    {name: {"opt_step_ms": no refresh, "refresh_step_ms": a refresh every step}}."""
-    out = {"galore": {}, "galore-torch": {}}
+def _galore_pair(size, rank, batch, cfg, names, device) -> dict:
+    """The kit's GaLoreAdamW (its default SVD refresh, and "eigh") and galore-torch's, optimizer step alone at
+    equal settings, timed in turns (kit, kit eigh, official, kit, ...) so that a load that comes and goes on
+    the machine hits all alike: {name: {"opt_step_ms": no refresh, "refresh_step_ms": a refresh every step}}."""
+    out = {name: {} for name in names}
     for gap, key in ((NO_REFRESH, "opt_step_ms"), (1, "refresh_step_ms")):
         opts = {}
         for name in out:
@@ -258,6 +262,7 @@ def bench_refresh(cfg, device) -> dict:
         G = torch.randn(m, n, generator=gen).to(device)
         side_rows = n if m >= n else m  # the projector GaLore keeps ('std': Q of r x n when m >= n)
         fns = {"svd": lambda: torch.linalg.svd(G, full_matrices=False),
+               "eigh": lambda: gram_eigh(G, r, "right" if m >= n else "left"),
                "randomized_svd": lambda: _randomized_svd(G, r, gen),
                "randomized_svd (power_iters 1)": lambda: _randomized_svd(G, r, gen, niter=1),
                "random": lambda: _orthonormal(torch.randn(side_rows, r, generator=gen).to(G))}
@@ -339,10 +344,16 @@ def ratios(doc) -> dict:
         for T in (200, 10):
             out[f"galore_opt_step_vs_galore_torch_T{T}"] = kit[f"opt_step_ms_T{T}"] / off[f"opt_step_ms_T{T}"]
             out[f"galore_train_step_vs_galore_torch_T{T}"] = kit[f"train_step_ms_T{T}"] / off[f"train_step_ms_T{T}"]
+    eigh = by.get((size, "galore eigh"))
+    if eigh and off:
+        for T in (200, 10):
+            out[f"galore_eigh_opt_step_vs_galore_torch_T{T}"] = eigh[f"opt_step_ms_T{T}"] / off[f"opt_step_ms_T{T}"]
+            out[f"galore_eigh_train_step_vs_galore_torch_T{T}"] = (eigh[f"train_step_ms_T{T}"]
+                                                                   / off[f"train_step_ms_T{T}"])
     ref = doc["refresh"]
     svd = sum(r["count"] * r["svd_ms"] for r in ref["shapes"])  # a refresh of every projected weight
     ppl = ref["perplexity"]["val_ppl"]
-    for name in ("randomized_svd", "randomized_svd (power_iters 1)", "random"):
+    for name in ("eigh", "randomized_svd", "randomized_svd (power_iters 1)", "random"):
         out[f"refresh_speedup {name}"] = svd / sum(r["count"] * r[f"{name}_ms"] for r in ref["shapes"])
         out[f"ppl_rel_diff {name}"] = abs(ppl[name] - ppl["svd"]) / ppl["svd"]
     out["ppl_rel_diff svd seed 1 vs seed 0"] = abs(ppl["svd (seed 1)"] - ppl["svd"]) / ppl["svd"]

@@ -139,7 +139,7 @@ CASES = [
     ("galore_bad_hyperparameter", lambda t: GaLoreAdamW([_w(4, 4)], lr=float("nan")),
      ValueError, r"Invalid learning rate: nan \(expected a finite number >= 0\)"),
     ("galore_bad_knob_value", lambda t: GaLoreAdamW([{"params": [_w(4, 4)], "rank": 2, "proj_method": "qr"}]),
-     ValueError, r"Invalid proj_method: 'qr' \(expected one of \('svd', 'randomized_svd', 'random', 'online_pca'\)\)"),
+     ValueError, r"Invalid proj_method: 'qr' \(expected one of \('svd', 'eigh', 'randomized_svd', 'random', 'online_pca'\)\)"),
     ("galore_rank_not_an_int", lambda t: GaLoreAdamW([{"params": [_w(4, 4)], "rank": 1.5}]),
      ValueError, r"Invalid rank: 1\.5 \(expected an int >= 1\)"),
     ("galore_rank_above_min_m_n", lambda t: GaLoreAdamW([{"params": [_w(8, 8), _w(3, 10)], "rank": 4}]),

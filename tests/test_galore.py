@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lrkit.optim.galore import (GaLoreAdamW, GaLoreAdamW8bit, PerLayerGaLore, adam_state_numel,
-                                galore_state_numel, optimizer_state_bytes)
+                                galore_state_numel, gram_eigh, optimizer_state_bytes)
 
 galore_torch = pytest.importorskip("galore_torch")
 T, RANK = 5, 4
@@ -75,6 +75,62 @@ def test_parity_with_galore_torch(proj_type, kw):
     print(f"parity {proj_type} {kw}: max rel err {err:.3g}")
     assert err < 1e-5
     assert max_rel_err(ours, mlp()) > 1e-3  # and it did train
+
+
+# ---------------------------------------------------------------------- the "eigh" refresh
+@pytest.mark.parametrize("shape", [(48, 80), (80, 48)], ids=["wide", "tall"])
+def test_gram_eigh_is_the_svd_subspace_more_accurately_than_the_fp32_svd(shape):
+    # singular values 1 .. 1e-3 (condition 1e3, squared 1e6 in the Gram matrix): float64 keeps it exact
+    g = torch.Generator().manual_seed(0)
+    m, n = shape
+    U0 = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))[0]
+    V0 = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    k = min(m, n)
+    G = (U0[:, :k] * torch.logspace(0, -3, k, dtype=torch.float64)) @ V0[:, :k].t()
+    G32, r = G.float(), 12
+    U, _, Vh = torch.linalg.svd(G32.double(), full_matrices=False)  # the truth for the fp32 input
+    U32, _, Vh32 = torch.linalg.svd(G32, full_matrices=False)
+    P, Q = gram_eigh(G32, r, "left"), gram_eigh(G32, r, "right")
+    assert P.dtype == Q.dtype == torch.float32 and P.shape == (m, r) and Q.shape == (r, n)
+
+    def err(B, truth):  # distance of the column spaces, as projectors
+        return torch.linalg.matrix_norm(B.double() @ B.double().t() - truth @ truth.t(), 2).item()
+
+    e_left, e_right = err(P, U[:, :r]), err(Q.t(), Vh[:r].t())
+    assert e_left < 1e-6 and e_right < 1e-6  # the rounding of the result to fp32
+    assert e_left < err(U32[:, :r], U[:, :r]) and e_right < err(Vh32[:r].t(), Vh[:r].t())
+    # descending order (as the SVD's) and the sign rule: each column's largest entry is positive
+    torch.testing.assert_close(P.abs(), U[:, :r].abs().float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(Q.abs(), Vh[:r].abs().float(), atol=1e-5, rtol=0)
+    for B in (P, Q.t()):
+        assert (B.gather(0, B.abs().argmax(0, keepdim=True)) > 0).all()
+    assert torch.equal(gram_eigh(-G32, r, "left"), P)  # a function of the subspace, not of G's sign
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "full"])
+def test_eigh_refresh_trains_as_the_svd_refresh(proj_type):
+    # Column signs cancel in P N_t and in the moments of one basis, so "eigh" and "svd" give the same
+    # trajectory while no moment crosses a refresh: T beyond the run, or "reset" at every refresh.
+    # With "keep" a flipped column carries its old moments reversed, so there the two runs may part.
+    data, opts = batches(4 * T), []
+    for keys in (dict(update_proj_gap=10 ** 6), dict(moments_on_switch="reset")):
+        eigh, svd = mlp(), mlp()
+        opts.append(opt := GaLoreAdamW(groups(eigh, proj_type=proj_type, proj_method="eigh", **keys), lr=1e-2))
+        train(eigh, opt, data)
+        train(svd, GaLoreAdamW(groups(svd, proj_type=proj_type, proj_method="svd", **keys), lr=1e-2), data)
+        assert max_rel_err(eigh, svd) < 1e-4, keys
+        assert max_rel_err(eigh, mlp()) > 1e-2  # and it did train
+    # the projectors kept (T beyond the run) are gram_eigh's of the step-0 gradients, signs included
+    first = mlp()
+    loss_fn(first, *data[0]).backward()
+    for i, W in zip((0, 2, 4), opts[0].param_groups[1]["params"]):
+        G, st = first[i].weight.grad, opts[0].state[W]
+        side = {"std": "right" if G.shape[0] >= G.shape[1] else "left",
+                "reverse_std": "left" if G.shape[0] >= G.shape[1] else "right"}.get(proj_type, "full")
+        for key, which in (("P", "left"), ("Q", "right")):
+            assert (key in st) == (side in (which, "full"))
+            if key in st:
+                torch.testing.assert_close(st[key], gram_eigh(G, RANK, which), atol=1e-6, rtol=0)
 
 
 def test_defaults_match_official():
@@ -283,7 +339,7 @@ def test_ldadam_same_subspace_is_identity_and_stale_moments_move():
     torch.testing.assert_close((Mn, Vn), (perm @ M, perm @ V))
 
 
-@pytest.mark.parametrize("method", ["svd", "randomized_svd", "random", "online_pca"])
+@pytest.mark.parametrize("method", ["svd", "eigh", "randomized_svd", "random", "online_pca"])
 def test_methods_decrease_loss_and_are_deterministic(method):
     def run(seed):
         torch.manual_seed(0)

@@ -5,7 +5,9 @@ of Sec. 4 (a projector refreshed every T = update_proj_gap steps), and the per-l
 and 8-bit states the paper combines it with. By default it follows the official code step for step
 (github jiaweizzhao/GaLore, PyPI galore-torch 1.0); see docs/methods.md, section 1 (the kit's algorithm reference).
 Knobs beyond the official code (all param-group keys):
-  proj_method        "svd" | "randomized_svd" | "random" | "online_pca" (Online Subspace Descent,
+  proj_method        "svd" | "eigh" (the same top-r singular vectors from the float64 eigendecomposition
+                     of the smaller Gram matrix: faster than the fp32 SVD on CPU, more accurate, column
+                     signs fixed) | "randomized_svd" | "random" | "online_pca" (Online Subspace Descent,
                      arXiv 2408.12857)
   switch_subspace    False = the projector of step 0 is kept for ever (fixed-subspace ablation)
   power_iters        power iterations of "randomized_svd" (2; 1 makes a refresh faster, see lrkit.bench)
@@ -29,7 +31,7 @@ from lrkit.optim.in_backward import InBackwardOptimizer, NonFiniteGradient
 from lrkit.utils import all_finite
 
 PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
-PROJ_METHODS = ("svd", "randomized_svd", "random", "online_pca")
+PROJ_METHODS = ("svd", "eigh", "randomized_svd", "random", "online_pca")
 MOMENT_POLICIES = ("keep", "reset", "rotate", "ldadam")
 
 
@@ -89,6 +91,27 @@ def _randomized_svd(G, rank, generator, oversample=5, niter=2):
     Y = _orthonormal(Y)
     Ub, _, Vh = torch.linalg.svd(Y.t() @ G, full_matrices=False)
     return Y @ Ub, Vh
+
+
+def gram_eigh(G, rank, side):
+    """The top-``rank`` left ('left': m x r, the U[:, :r] of svd(G)) or right ('right': r x n, Vh[:r]) singular
+    vectors of G from the eigendecomposition of the Gram matrix of that side (G G^T or G^T G), formed and
+    decomposed in float64 and returned in G's dtype.
+
+    Squaring G squares its condition number, hence float64: for a float32 gradient the Gram matrix is then
+    exact to ~1e-16 relative and the eigenvectors are more accurate than those of the float32 SVD (whose
+    error is ~1e-7 relative), while on a CPU the float64 eigendecomposition of a 512 x 512 Gram matrix is
+    faster than the float32 SVD of the 512 x 1376 gradient it came from (lrkit.bench, "refresh"). Each
+    column's sign is fixed (its entry of largest magnitude is positive), a function of G alone; the SVD's
+    signs are whatever LAPACK returns. So the subspace is the SVD's, the column signs may differ: the
+    trajectory equals proj_method "svd"'s until a refresh carries moments into a basis whose column flipped.
+    """
+    A = G.double() if side == "left" else G.double().t()
+    _, vectors = torch.linalg.eigh(A @ A.t())  # ascending eigenvalues: the top ones are the last columns
+    top = vectors[:, -rank:].flip(1)
+    peak = top.gather(0, top.abs().argmax(dim=0, keepdim=True))
+    top = (top * torch.where(peak < 0, -1.0, 1.0).to(top)).to(G.dtype)
+    return top if side == "left" else top.t()
 
 
 def _online_pca_step(B, A, pca_lr):
@@ -156,7 +179,8 @@ class GaLoreAdamW(Optimizer):
 
     Group keys (constructor arguments set their defaults): ``rank``, ``update_proj_gap`` (200), ``scale``
     (1.0), ``proj_type`` ('std' as above; 'reverse_std' swaps the sides; 'left', 'right'; 'full' uses
-    both, R = P^T G Q^T), ``proj_method`` ('svd'; 'randomized_svd': a Halko range finder; 'random':
+    both, R = P^T G Q^T), ``proj_method`` ('svd'; 'eigh': the same singular vectors from the float64
+    eigendecomposition of the smaller Gram matrix, see :func:`gram_eigh`; 'randomized_svd': a Halko range finder; 'random':
     Gaussian matrices orthonormalised by QR; 'online_pca': P moved every step by one normalised
     gradient step of size ``pca_lr`` on ||G - P P^T G||_F^2, then QR, SVD at step 0; this ignores
     T), ``switch_subspace`` (True), ``moments_on_switch``: what happens to M, V when the projector
@@ -324,6 +348,11 @@ class GaLoreAdamW(Optimizer):
                 new["P"] = _orthonormal(torch.randn(G.shape[0], r, generator=self._generator).to(G))
             if side in ("right", "full"):
                 new["Q"] = _orthonormal(torch.randn(G.shape[1], r, generator=self._generator).to(G)).t()
+        elif method == "eigh":
+            if side in ("left", "full"):
+                new["P"] = gram_eigh(G, r, "left")
+            if side in ("right", "full"):
+                new["Q"] = gram_eigh(G, r, "right")
         else:  # "svd", "randomized_svd", and step 0 of "online_pca"
             if method == "randomized_svd":
                 self._generator.manual_seed(_draw_seed(self.seed, index, t))
