@@ -39,6 +39,19 @@ QUANTITIES = ("value", "difference", "ratio")
 OPS = ("<", ">", "between")
 LEVEL = 0.95
 
+# Equivalence ("on par", "tie", "matches", "near") and non-inferiority ("no worse than") margins: one scale per
+# metric family across the kit, fixed before the rerun that reads them (issue 19). Claims use these bounds and
+# quote the reason (``Claim.margin_reason``); a claim that needs another margin says why in its own reason.
+MARGINS = {
+    # language models: the ratio of two perplexities (exp of the loss difference), as Table 2 compares methods
+    "perplexity": (1.05, "5 % in perplexity: twice the gap the GaLore paper calls comparable (Table 2, 60M: "
+                         "GaLore / full-rank = 34.88 / 34.06 = 1.024), the kit's one margin for language models"),
+    # classifiers: the difference of two accuracies or macro-F1s, as fractions (0.02 = 2 points)
+    "accuracy": (0.02, "2 accuracy points: larger than every gap the papers call on par (GaLore Table 4: GLUE "
+                       "averages within 0.7 points; FeDLRT: within about 1 point of FedAvg), the kit's one margin "
+                       "for classifiers"),
+}
+
 
 @dataclass(frozen=True)
 class Claim:
@@ -47,8 +60,13 @@ class Claim:
     ``arms``: the measured arms it compares (names of runs without the seed): one for ``value``, two
     (A, B) for ``difference`` / ``ratio``, the knob's levels in order for ``monotone`` and
     ``interior_optimum``. ``bound``: the margin q is compared with (a ratio for ``quantity="ratio"``).
-    ``lower_is_better`` only matters for ``interior_optimum``. ``paper``: the paper's own value of the
-    same quantity where it reports one, for display.
+    ``lower_is_better``: the direction of the *metric* (False for accuracy, F1, scores): it orders the
+    arms of ``interior_optimum`` claims, names the better arm in :attr:`Verdict.direction`, and says which
+    value a failed run counts as (the failed-runs rule, :func:`evaluate`). ``paper``: the paper's own value
+    of the same quantity where it reports one, for display, and ``paper_source`` the table or section it
+    comes from. ``accounting``: a byte count, an analytic FLOP count or a formula identity (shown in its own
+    table, never counted among the reproduced empirical claims). ``margin_reason``: why the bound is what it
+    is; required for every equivalence ("between") and non-inferiority claim (see :data:`MARGINS`).
     """
     id: str
     statement: str
@@ -61,6 +79,9 @@ class Claim:
     kind: str = "compare"
     lower_is_better: bool = True
     paper: float | None = None
+    paper_source: str = ""
+    accounting: bool = False
+    margin_reason: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "arms", tuple(self.arms))
@@ -119,6 +140,14 @@ class Verdict:
     op: str = "<"
     bound: float = 0.0
     steps: list = field(default_factory=list)  # monotone: one dict per adjacent pair
+    accounting: bool = False  # bookkeeping (bytes, analytic FLOPs, formulas), not a reproduced claim
+    margin_reason: str = ""  # why the bound (equivalence / non-inferiority margin)
+    paper_source: str = ""  # where the paper value comes from (table or section)
+    failed: int = 0  # runs of the compared arms that failed or diverged, counted by the failed-runs rule
+    runs: int = 0  # runs of the compared arms (seeds x arms)
+    reason: str = ""  # for an unresolved verdict: why (one seed, failed runs, too few seeds, no effect)
+    direction: str = ""  # which arm the estimate favours, e.g. "galore better than full-rank"
+    flags: list = field(default_factory=list)  # caveats on the inputs, e.g. a learning rate at its grid's edge
 
     def margin(self, x: float) -> float:
         """How far ``x`` lies on the claimed side of the bound (positive: the claim's side), in the
