@@ -41,6 +41,7 @@ from lrkit.utils import device_info, progress, resolve_device
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
+EVAL_SPLITS = ("claims", "tuning")
 
 
 @dataclass
@@ -60,6 +61,9 @@ class LMTrainConfig:
     unstable_margin: float = 0.1  # nats: final val loss this far above the run's best = unstable
     grad_accum: int = 1  # micro-batches per step: the step's batch is split, so the data do not depend on it
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU (the papers' scripts); "fp32"; "bf16"
+    # Which held-out windows the evaluations read (eval_windows): "claims" (what the verdicts read) or "tuning"
+    # (learning-rate sweeps: windows interleaved between the claims' ones, disjoint from them).
+    eval_split: str = "claims"
 
     def __post_init__(self):
         for k in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows"):
@@ -78,6 +82,8 @@ class LMTrainConfig:
         if not isinstance(self.grad_accum, int) or self.grad_accum < 1 or self.batch_size % self.grad_accum:
             raise ValueError(f"Invalid grad_accum: {self.grad_accum!r} (expected a positive int dividing "
                              f"batch_size={self.batch_size})")
+        if self.eval_split not in EVAL_SPLITS:
+            raise ValueError(f"Invalid eval_split: {self.eval_split!r} (expected one of {EVAL_SPLITS})")
         if self.precision not in PRECISIONS:
             raise ValueError(f"Invalid precision: {self.precision!r} (expected one of {PRECISIONS})")
         if not (isinstance(self.min_lr_ratio, (int, float)) and 0 <= self.min_lr_ratio <= 1):
@@ -107,10 +113,31 @@ def random_windows(ids: np.ndarray, batch_size: int, seq_len: int, generator: to
     return torch.stack([torch.from_numpy(ids[s: s + seq_len + 1].astype(np.int64)) for s in starts.tolist()])
 
 
-def eval_windows(ids: np.ndarray, n: int, seq_len: int) -> torch.Tensor:
-    """``n`` evenly spaced, non-overlapping windows covering the whole validation stream."""
-    n = min(n, (len(ids) - 1) // (seq_len + 1))
-    starts = np.linspace(0, len(ids) - seq_len - 1, n).astype(np.int64)
+def eval_window_starts(n_ids: int, n: int, seq_len: int, split: str = "claims") -> np.ndarray:
+    """Start offsets of the held-out windows of ``split`` in a validation stream of ``n_ids`` tokens.
+
+    "claims": ``n`` evenly spaced windows of ``seq_len + 1`` tokens covering the whole stream (what every
+    verdict reads). "tuning": as many windows, each starting halfway between two consecutive "claims"
+    windows, so the two sets share no token: learning-rate sweeps select on data the claims never read.
+    Both sets are capped so that they fit side by side (at most ``(n_ids - 1) // (2 (seq_len + 1))``)."""
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"Invalid eval split: {split!r} (expected one of {EVAL_SPLITS})")
+    width = seq_len + 1
+    n = min(n, (n_ids - 1) // (2 * width))
+    if n < 1:
+        raise ValueError(f"validation stream of {n_ids} tokens is too short for two disjoint windows of "
+                         f"{width} tokens (seq_len {seq_len})")
+    # the claims' windows: evenly spaced over the stream less one window for the tuning set's last one
+    starts = np.linspace(0, n_ids - 2 * width, n).astype(np.int64) if n > 1 else np.zeros(1, dtype=np.int64)
+    if split == "claims":
+        return starts
+    gaps = np.diff(np.append(starts, n_ids))  # from each claims window's start to the next's (the last: the end)
+    return starts + width + (gaps - 2 * width) // 2  # centred between a claims window's end and the next start
+
+
+def eval_windows(ids: np.ndarray, n: int, seq_len: int, split: str = "claims") -> torch.Tensor:
+    """The held-out windows of ``split`` (:func:`eval_window_starts`) as a (n, seq_len + 1) id tensor."""
+    starts = eval_window_starts(len(ids), n, seq_len, split)
     return torch.stack([torch.from_numpy(ids[s: s + seq_len + 1].astype(np.int64)) for s in starts])
 
 
@@ -281,7 +308,7 @@ def train_lm(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     model.to(device).train()
     bare = distributed.unwrap(model)  # the module itself: state_dict, evaluation
     gen = torch.Generator().manual_seed(cfg.seed)
-    val = eval_windows(corpus.val, cfg.eval_windows, cfg.seq_len)
+    val = eval_windows(corpus.val, cfg.eval_windows, cfg.seq_len, cfg.eval_split)
     if scheduler is None:
         scheduler = cosine_schedule(optimizer, cfg.steps, cfg.warmup_frac, cfg.min_lr_ratio)
     if device.type == "cuda":

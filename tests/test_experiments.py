@@ -57,10 +57,13 @@ def test_tune_gives_every_method_the_same_budget_and_picks_the_best(tmp_path):
     chosen = tune(fake, {"a": {}, "b": dict(offset=0.5)}, tmp_path, centers={"a": 1.0, "b": 4.0}, metric="val_loss",
                   group="pretrain")
     assert chosen["a"]["lr"] == 1.0 and chosen["b"]["lr"] == 1.0  # optimum of (log2 lr)^2 at lr = 1
-    assert len(chosen["a"]["grid"]) == len(chosen["b"]["grid"]) == 5
-    assert chosen["b"]["at_edge"] and not chosen["a"]["at_edge"]
+    # b's grid (1 .. 16) had its best at the lower end: one rate further out (0.5) brackets it
+    assert len(chosen["a"]["grid"]) == 5 and chosen["a"]["extended"] == [] and chosen["a"]["runs"] == 5
+    assert chosen["b"]["extended"] == [0.5] and chosen["b"]["grid"] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
+    assert chosen["b"]["runs"] == 6 and chosen["b"]["scores"][0] == pytest.approx(11.5)
+    assert not chosen["b"]["at_edge"] and not chosen["a"]["at_edge"] and chosen["b"]["edge_reason"] == ""
     doc = records.load(tmp_path)
-    assert all(r["seed"] == TUNING_SEED for r in doc["runs"].values()) and len(doc["runs"]) == 10
+    assert all(r["seed"] == TUNING_SEED for r in doc["runs"].values()) and len(doc["runs"]) == 11
     with pytest.raises(ValueError, match="no centre lr"):
         tune(fake, {"c": {}}, None, centers={}, metric="val_loss")
 
@@ -68,7 +71,9 @@ def test_tune_gives_every_method_the_same_budget_and_picks_the_best(tmp_path):
 def test_tune_never_picks_a_diverged_lr():
     def unstable(name, *, seed, lr):
         return fake(name, seed=seed, lr=lr, diverge=lr < 1)
-    assert tune(unstable, {"a": {}}, None, centers={"a": 0.5}, metric="val_loss")["a"]["lr"] == 1.0
+    t = tune(unstable, {"a": {}}, None, centers={"a": 0.5}, metric="val_loss")["a"]
+    # the best finite rate (1.0) sits next to a diverged one (0.5): no extension, the record says why
+    assert t["lr"] == 1.0 and t["at_edge"] and t["edge_reason"] == "diverges beyond" and t["extended"] == []
     with pytest.raises(RuntimeError, match="every learning rate"):
         tune(lambda name, seed, lr: fake(name, seed=seed, diverge=True), {"a": {}}, None, centers={"a": 1.0},
              metric="val_loss")
@@ -89,3 +94,36 @@ def test_tuned_reads_the_tuning_record_and_says_what_is_missing(tmp_path, monkey
     assert tuned("galore", "smoke", "pretrain") == {"full": 0.003, "galore": 0.01}  # smoke falls back to cpu
     with pytest.raises(KeyError, match="no tuning group 'finetune'"):
         tuned("galore", "cpu", "finetune")
+
+
+def test_tune_extends_an_edge_optimum_up_to_its_limit_and_says_so():
+    import math
+
+    far = lambda name, *, seed, lr: fake(name, seed=seed, lr=lr / 8)  # optimum at lr = 8
+    t = tune(far, {"a": {}}, None, centers={"a": 0.25}, metric="val_loss")["a"]  # grid 1/16 .. 1
+    assert t["extended"] == [2.0, 4.0, 8.0] and t["lr"] == 8.0 and t["runs"] == 8
+    assert t["at_edge"] and t["edge_reason"] == "still improving at the extension limit"
+    t = tune(far, {"a": {}}, None, centers={"a": 0.25}, metric="val_loss", max_extend=4)["a"]
+    assert t["extended"] == [2.0, 4.0, 8.0, 16.0] and t["lr"] == 8.0 and not t["at_edge"]
+    # higher-is-better metrics extend toward the better side too
+    up = lambda name, *, seed, lr: RunResult(name=name, config={"lr": lr}, seed=seed, device="cpu",
+                                             device_name="cpu", history=[], final={"acc": -abs(math.log2(lr) + 6)})
+    t = tune(up, {"a": {}}, None, centers={"a": 1.0}, metric="acc", lower_is_better=False, max_extend=6)["a"]
+    assert t["lr"] == pytest.approx(1 / 64) and not t["at_edge"] and len(t["extended"]) == 5
+    with pytest.raises(ValueError, match="Invalid max_extend: -1"):
+        tune(far, {"a": {}}, None, centers={"a": 1.0}, metric="val_loss", max_extend=-1)
+
+
+def test_edge_flags_name_the_arms_still_at_an_edge(tmp_path, monkeypatch):
+    import lrkit.experiments as ex
+
+    monkeypatch.setattr(ex.records, "report_dir", lambda nb, prof, root=None: tmp_path / nb / prof)
+    assert ex.edge_flags("galore", "cpu", "pretrain") == {}  # no record: nothing to flag
+    chosen = tune(fake, {"in": {}}, None, centers={"in": 1.0}, metric="val_loss")
+    chosen |= tune(lambda name, *, seed, lr: fake(name, seed=seed, lr=lr, diverge=lr > 4), {"edge": {}}, None,
+                   centers={"edge": 0.125}, metric="val_loss", max_extend=0)
+    out = tmp_path / "galore" / "tuning" / "cpu"
+    out.mkdir(parents=True)
+    records.save_summary(out, [], tuned={"pretrain": chosen})
+    flags = ex.edge_flags("galore", "cpu", "pretrain")
+    assert list(flags) == ["edge"] and "0.5 at the upper edge" in flags["edge"] and "extension limit" in flags["edge"]

@@ -21,13 +21,13 @@ def _corpus():
     return TokenizedCorpus("toy", ids[:5000], ids[5000:], 64, None, ["a"], ["b"])
 
 
-def _run(seed):
+def _run(seed, **cfg_kw):
     seed_everything(seed)
     corpus = _corpus()
     model = build_llama("nano", 64, 32, seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     cfg = LMTrainConfig(steps=30, batch_size=8, seq_len=32, lr=1e-2, eval_every=10, eval_windows=8,
-                        seed=seed, device="cpu")
+                        seed=seed, device="cpu", **cfg_kw)
     return train_lm("adamw", model, opt, corpus, cfg)
 
 
@@ -43,7 +43,41 @@ def test_same_seed_same_numbers_and_learning():
 def test_eval_windows_cover_the_stream():
     ids = np.arange(1000)
     w = eval_windows(ids, 5, 10)
-    assert w.shape == (5, 11) and w[0, 0] == 0 and w[-1, -1] == 999
+    t = eval_windows(ids, 5, 10, split="tuning")
+    assert w.shape == t.shape == (5, 11) and w[0, 0] == 0 and t[-1, -1] == 999
+    assert all((np.diff(x.numpy(), axis=1) == 1).all() for x in (w, t))  # whole windows of the stream
+
+
+@pytest.mark.parametrize("n_ids,n,seq_len", [(1000, 5, 10), (1000, 45, 10), (977, 7, 64), (200, 64, 64),
+                                             (10_000, 64, 64), (150, 1, 64)])
+def test_tuning_and_claims_windows_share_no_token(n_ids, n, seq_len):
+    """Learning-rate sweeps (eval_split="tuning") read held-out tokens the claims' windows never read, and
+    every window lies inside the stream; as many of each (capped so both fit)."""
+    from lrkit.train import eval_window_starts
+
+    sets = {}
+    for split in ("claims", "tuning"):
+        starts = eval_window_starts(n_ids, n, seq_len, split)
+        assert len(starts) == min(n, (n_ids - 1) // (2 * (seq_len + 1)))
+        assert starts.min() >= 0 and starts.max() + seq_len + 1 <= n_ids
+        idx = np.concatenate([np.arange(s, s + seq_len + 1) for s in starts])
+        assert len(np.unique(idx)) == len(idx)  # the windows of one split do not overlap either
+        sets[split] = set(idx.tolist())
+    assert not sets["claims"] & sets["tuning"]
+
+
+def test_train_lm_reads_the_split_it_names(monkeypatch):
+    """train_lm evaluates on the windows of cfg.eval_split (a sweep on "tuning" never sees the claims' tokens)."""
+    import lrkit.train as tr
+
+    seen = []
+    real = tr.eval_windows
+    monkeypatch.setattr(tr, "eval_windows", lambda ids, n, seq_len, split="claims": seen.append(split) or real(ids, n, seq_len, split))
+    for split in ("claims", "tuning"):
+        _run(0, eval_split=split)
+    assert seen == ["claims", "tuning"]
+    with pytest.raises(ValueError, match="Invalid eval_split: 'test'"):
+        LMTrainConfig(eval_split="test")
 
 
 @pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": float("nan")}, {"batch_size": 1.5}, {"warmup_frac": 1.0}])

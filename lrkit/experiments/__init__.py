@@ -36,7 +36,7 @@ from lrkit.train import LMTrainConfig, train_lm
 from lrkit.utils import seed_everything
 
 __all__ = ["lm_corpus", "LM_CORPORA", "pretrain", "finetune", "federated", "run_all", "Runs", "run_name",
-           "final_metric", "tail_mean", "LMTrainConfig", "ClassifierTrainConfig"]
+           "final_metric", "tail_mean", "tune", "tuned", "edge_flags", "LMTrainConfig", "ClassifierTrainConfig"]
 
 
 # The corpora a language-model notebook can name: Shakespeare offline (smoke and cpu profiles), C4 at gpu and
@@ -219,36 +219,91 @@ def lr_grid(center: float, points: int = 5, factor: float = 2.0) -> list[float]:
     return [float(center * factor ** (k - k0)) for k in range(points)]
 
 
+MAX_EXTEND = 3  # extra learning rates a sweep may add on the side where its best rate sits at the grid's edge
+
+
 def tune(fn, methods: dict[str, dict], out, *, centers: dict[str, float], metric: str, points: int = 5,
          factor: float = 2.0, lower_is_better: bool = True, seed: int = TUNING_SEED, group: str = "",
-         **common) -> dict:
+         max_extend: int = MAX_EXTEND, **common) -> dict:
     """The learning-rate sweep: each method in ``methods`` ({arm: kwargs without lr}) runs on
     :func:`lr_grid` around its ``centers[arm]`` (same points and factor for all: equal budgets) with the
-    tuning seed; the best final ``metric`` wins (a diverged run never does). Records each run as
-    ``tune <group> <arm> lr=<lr>`` and returns {arm: {"lr", "grid", "scores", "at_edge", "budget"}};
-    ``at_edge`` says the best lr sits at the end of the grid (the sweep may not have bracketed the optimum)."""
+    tuning seed; the best final ``metric`` wins (a diverged run never does).
+
+    A grid must bracket the optimum: while the best rate is at an end of the grid, the sweep adds the rate
+    ``factor`` further out on that side, up to ``max_extend`` extra rates, and stops as soon as the best is
+    interior or the next rate out diverged (the record then says so: the optimum may lie between the best
+    rate and the diverging one, which the grid cannot resolve). Records each run as ``tune <group> <arm> lr=<lr>`` and returns
+    {arm: {"lr", "grid", "scores", "at_edge", "extended", "edge_reason", "runs", "budget"}}: ``grid`` and
+    ``scores`` in increasing lr (added rates included), ``extended`` the added rates, ``at_edge`` whether the
+    best rate is still at an end after extension and ``edge_reason`` why ("diverges beyond": the next rate
+    out diverged; "still improving at the extension limit"; "" when interior)."""
     missing = sorted(set(methods) - set(centers))
     if missing:
         raise ValueError(f"Invalid centers: no centre lr for {missing} (expected one per method)")
+    if not isinstance(max_extend, int) or isinstance(max_extend, bool) or max_extend < 0:
+        raise ValueError(f"Invalid max_extend: {max_extend!r} (expected an int >= 0)")
     read = final_metric(metric)
+    sign = 1 if lower_is_better else -1
     chosen = {}
     for arm, kwargs in methods.items():
-        grid, scores = lr_grid(centers[arm], points, factor), []
-        for lr in grid:
+        scores: dict[float, float | None] = {}
+
+        def run(lr):
             name = f"tune {group + ' ' if group else ''}{arm} lr={lr:.3g}"
             r = fn(name, seed=seed, lr=lr, **common, **kwargs)
             r.config |= {"arm": arm, "tuning": group or True}
             if out is not None:
                 records.save_run(out, r)
-            scores.append(read(r))
-            print(f"{name:>40}: {metric} {scores[-1] if scores[-1] is None else round(scores[-1], 4)}", flush=True)
-        finite = [(s if lower_is_better else -s, i) for i, s in enumerate(scores) if s is not None]
-        if not finite:
-            raise RuntimeError(f"every learning rate of the sweep diverged for {arm!r}: {grid}")
-        best = min(finite)[1]
-        chosen[arm] = {"lr": grid[best], "grid": grid, "scores": scores, "at_edge": best in (0, len(grid) - 1),
-                       "budget": f"{points} learning rates x 1 seed ({seed}), factor {factor:g} apart"}
+            scores[lr] = read(r)
+            print(f"{name:>40}: {metric} {scores[lr] if scores[lr] is None else round(scores[lr], 4)}", flush=True)
+
+        for lr in lr_grid(centers[arm], points, factor):
+            run(lr)
+        extended, reason = [], ""
+        while True:
+            ok = [lr for lr in sorted(scores) if scores[lr] is not None]  # the rates that did not diverge
+            if not ok:
+                raise RuntimeError(f"every learning rate of the sweep diverged for {arm!r}: {sorted(scores)}")
+            best = min(ok, key=lambda lr: (sign * scores[lr], lr))
+            sides = [side for side, end in ((-1, ok[0]), (1, ok[-1])) if best == end]
+            if not sides:
+                reason = ""
+                break
+            # a side is closed when the next rate out was run already (so it diverged)
+            open_sides = [side for side in sides if not any(abs(math.log(lr / (best * factor ** side))) < 1e-9
+                                                            for lr in scores)]
+            if not open_sides:
+                reason = "diverges beyond"
+                break
+            if len(extended) >= max_extend:
+                reason = "still improving at the extension limit"
+                break
+            extended.append(best * factor ** open_sides[0])
+            run(extended[-1])
+        grid = sorted(scores)
+        chosen[arm] = {"lr": best, "grid": grid, "scores": [scores[lr] for lr in grid],
+                       "at_edge": bool(reason), "extended": extended, "edge_reason": reason, "runs": len(grid),
+                       "budget": f"{points} learning rates x 1 seed ({seed}), factor {factor:g} apart, extended "
+                                 f"by up to {max_extend} on the side of an edge optimum"}
     return chosen
+
+
+def edge_flags(paper: str, profile: str, group: str = "") -> dict:
+    """{arm: flag text} for the arms of a tuning group whose chosen learning rate is still at the edge of its
+    grid after extension (``tune``): verdicts that read such a rate show the flag in their row
+    (``lrkit.claims.evaluate_all(..., flags=...)``). Empty when every chosen rate is interior."""
+    path = records.tuning_record(paper, profile)
+    if path is None:
+        return {}
+    groups = records.load(path).get("summary", {}).get("tuned", {})
+    flags = {}
+    for arm, t in groups.get(group, {}).items():
+        if t.get("at_edge"):
+            finite = [lr for lr, sc in zip(t["grid"], t["scores"]) if sc is not None]
+            side = "lower" if t["lr"] == min(finite) else "upper"
+            why = t.get("edge_reason") or "grid not extended (tuned before extension)"
+            flags[arm] = f"{arm}: learning rate {t['lr']:.3g} at the {side} edge of its tuning grid ({why})"
+    return flags
 
 
 def tuned(paper: str, profile: str, group: str = "") -> dict:
