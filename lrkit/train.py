@@ -250,6 +250,20 @@ def atomic_torch_save(obj, path: Path) -> None:
         raise
 
 
+# Configuration keys a resumed run may change: where it runs, not what it computes (the global batch is split
+# across any number of processes into the same step).
+RESUMABLE_KEYS = ("device", "world_size")
+
+
+def _run_config(cfg: LMTrainConfig, extra_config: dict | None) -> dict:
+    """The run's configuration as a checkpoint keeps it (plain JSON values, so ``weights_only`` loads it), less
+    :data:`RESUMABLE_KEYS`: a resume must find the same, or it would train with the checkpoint's values."""
+    import json
+
+    conf = {**asdict(cfg), **(extra_config or {})}
+    return json.loads(json.dumps({k: v for k, v in conf.items() if k not in RESUMABLE_KEYS}, default=repr))
+
+
 def _rng_states(gen: torch.Generator) -> dict:
     return {"data": gen.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -288,7 +302,7 @@ class _Sigterm:
 
 def train_lm(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, corpus,
              cfg: LMTrainConfig, extra_config: dict | None = None, scheduler=None,
-             callbacks=(), checkpoint_dir=None, checkpoint_every: int = 0) -> RunResult:
+             callbacks=(), checkpoint_dir=None, checkpoint_every: int = 0, restart: bool = False) -> RunResult:
     """Train ``model`` on ``corpus`` (a :class:`lrkit.data.TokenizedCorpus`) and return the record.
 
     History rows hold the step, train loss (mean since the last row), learning rate and, every
@@ -297,13 +311,20 @@ def train_lm(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 
     ``checkpoint_dir``: save a :class:`Checkpoint` every ``checkpoint_every`` steps (0: never on a timer)
     and on SIGTERM (then exit with status 143), and resume from it when it exists: rerunning the same
-    command continues the run, and its numbers equal an uninterrupted run's.
+    command continues the run, and its numbers equal an uninterrupted run's. A checkpoint written with another
+    configuration (any key of ``cfg`` or ``extra_config`` but :data:`RESUMABLE_KEYS`: lr, rank, ...) is an error
+    naming the keys; ``restart=True`` ignores it and starts over (the next checkpoint replaces it).
 
     Under ``torchrun`` (``model`` and ``optimizer`` from ``lrkit.distributed.wrap``) every rank draws the same
     global batch of ``cfg.batch_size`` windows and trains on its shard; the logged loss is the rank average,
     every rank evaluates the same held-out windows with the same weights, rank 0 writes the checkpoints,
     and a SIGTERM on any rank stops every rank at the same step.
     """
+    for split, ids in (("training", corpus.train), ("validation", corpus.val)):
+        if len(ids) < 2 * (cfg.seq_len + 1) + 1:
+            raise ValueError(f"Invalid seq_len: {cfg.seq_len} for corpus {corpus.name!r}, whose {split} stream has "
+                             f"{len(ids)} tokens (expected seq_len <= {(len(ids) - 1) // 2 - 1}: windows of "
+                             "seq_len + 1 tokens, two disjoint ones at least)")
     device = resolve_device(cfg.device)
     model.to(device).train()
     bare = distributed.unwrap(model)  # the module itself: state_dict, evaluation
@@ -322,11 +343,20 @@ def train_lm(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     ckpt = Checkpoint(checkpoint_dir, checkpoint_every) if checkpoint_dir is not None else None
 
     history, running, n_running, start, wall_before = [], 0.0, 0, 1, 0.0
-    state = ckpt.load() if ckpt else None
+    run_config = _run_config(cfg, extra_config)
+    state = ckpt.load() if ckpt and not restart else None
     if state is not None:
         if state["name"] != name or state["steps"] != cfg.steps:
             raise ValueError(f"Invalid checkpoint {ckpt.path}: it holds run {state['name']!r} of {state['steps']} "
                              f"steps (expected {name!r} of {cfg.steps}); use another checkpoint_dir")
+        changed = {k: (state["config"].get(k), run_config.get(k)) for k in sorted(set(state["config"]) | set(run_config))
+                   if state["config"].get(k) != run_config.get(k)} if "config" in state else {}
+        if changed:
+            raise ValueError(f"Invalid checkpoint {ckpt.path}: it was written by a run with another configuration "
+                             "(key: checkpoint's value -> this run's) "
+                             + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+                             + "; resuming would train with the checkpoint's values. Rerun with the checkpoint's "
+                               "values, or start over (python -m lrkit.train --restart, or delete the checkpoint)")
         bare.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -339,7 +369,7 @@ def train_lm(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
             setattr(optimizer, k, getattr(optimizer, k, 0.0) + v)
 
     def snapshot(step):
-        return {"name": name, "steps": cfg.steps, "step": step, "model": bare.state_dict(),
+        return {"name": name, "steps": cfg.steps, "config": run_config, "step": step, "model": bare.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "callbacks": [cb.state_dict() for cb in stateful], "rng": _rng_states(gen),
                 "history": history, "running": running, "n_running": n_running,
@@ -437,14 +467,46 @@ RECIPE_KEYS = {"name": str, "method": str, "model_size": str, "corpus": str, "co
                "method_options": dict, "train": dict, "out": str, "checkpoint_every": int}
 
 
+def _number_loader():
+    """PyYAML's SafeLoader, plus YAML 1.2's floats without a dot (``1e-3``, ``3E5``), which YAML 1.1 reads
+    as strings; quoted scalars stay strings."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+    return Loader
+
+
+def yaml_value(text: str):
+    """A YAML document or scalar read the way a user means numbers: ``1e-3`` is 0.001 (PyYAML alone reads it
+    as the string '1e-3'); ``'1e-3'`` in quotes stays a string."""
+    import yaml
+
+    return yaml.load(text, Loader=_number_loader())
+
+
 def load_recipe(path, overrides=()) -> dict:
-    """A recipe YAML (keys :data:`RECIPE_KEYS`) with ``overrides`` ("train.steps=20", values in YAML)."""
+    """A recipe YAML (keys :data:`RECIPE_KEYS`) with ``overrides`` ("train.steps=20", values in YAML; numbers
+    such as ``1e-3`` read as numbers, :func:`yaml_value`)."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"Invalid config: {str(path)!r} (expected a recipe YAML such as configs/train/tiny_cpu.yaml)")
-    recipe = yaml.safe_load(path.read_text()) or {}
+    try:
+        recipe = yaml_value(path.read_text())
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"Invalid config: {str(path)!r} is not a YAML text file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0]}); expected a recipe YAML such as configs/train/tiny_cpu.yaml") from e
+    recipe = {} if recipe is None else recipe
+    if not isinstance(recipe, dict):
+        raise ValueError(f"Invalid config: {str(path)!r} holds a {type(recipe).__name__}, not a mapping (expected "
+                         f"keys such as {sorted(RECIPE_KEYS)[:4]}..., as in configs/train/tiny_cpu.yaml)")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -456,7 +518,7 @@ def load_recipe(path, overrides=()) -> dict:
             if not isinstance(node, dict):
                 raise ValueError(f"Invalid override: {item!r} ({k!r} holds {node!r}, not a mapping; expected "
                                  "KEY=VALUE with KEY a path of mappings, e.g. train.steps=20)")
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = yaml_value(value)
     unknown = sorted(set(recipe) - set(RECIPE_KEYS))
     if unknown:
         raise ValueError(f"Invalid recipe keys {unknown} in {path} (expected some of {sorted(RECIPE_KEYS)})")
@@ -473,9 +535,9 @@ def load_recipe(path, overrides=()) -> dict:
     return recipe
 
 
-def run_recipe(recipe: dict, out=None) -> RunResult:
+def run_recipe(recipe: dict, out=None, restart: bool = False) -> RunResult:
     """Build the corpus, model and method of ``recipe``, train with checkpoints in ``<out>/checkpoint``
-    (resumed when present), write ``<out>/metrics.json`` and ``<out>/model.pt``."""
+    (resumed when present, unless ``restart``), write ``<out>/metrics.json`` and ``<out>/model.pt``."""
     from lrkit import data, records
     from lrkit.methods import prepare
     from lrkit.models import build_llama, count_parameters
@@ -502,7 +564,7 @@ def run_recipe(recipe: dict, out=None) -> RunResult:
     net, optimizer = distributed.wrap(recipe["method"], prep.model.to(setup.device), prep.optimizer)
     result = train_lm(name, net, optimizer, corpus, cfg, extra_config=extra,
                       callbacks=prep.callbacks, checkpoint_dir=out / "checkpoint",
-                      checkpoint_every=recipe.get("checkpoint_every", 0))
+                      checkpoint_every=recipe.get("checkpoint_every", 0), restart=restart)
     if distributed.is_main():
         records.save_run(out, result)
         atomic_torch_save(prep.model.state_dict(), out / "model.pt")
@@ -514,17 +576,26 @@ def main(argv=None) -> int:
     import argparse
     import sys
 
+    from lrkit.cli import run_cli
+
     ap = argparse.ArgumentParser(prog="python -m lrkit.train", description="Train one language model from a "
                                  "recipe YAML; rerun the same command to resume from its last checkpoint.")
     ap.add_argument("--config", required=True, help="recipe YAML, e.g. configs/train/galore_60m_c4.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe key (YAML value), e.g. --set train.steps=20; repeatable")
     ap.add_argument("--out", help="run directory (default: the recipe's `out`, else runs/<name>)")
+    ap.add_argument("--restart", action="store_true", help="ignore the run directory's checkpoint and start over")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = ap.parse_args(argv)
-    try:
-        result = run_recipe(load_recipe(args.config, args.set), args.out)
-    finally:
-        distributed.destroy()
+
+    def go():
+        try:
+            return run_recipe(load_recipe(args.config, args.set), args.out, restart=args.restart)
+        finally:
+            distributed.destroy()
+    result = run_cli(go, debug=args.debug, prog=ap.prog)
+    if isinstance(result, int):  # the error was printed: exit status 2
+        return result
     if result.final["diverged"]:  # recorded (the history up to the failure), and said
         print(f"run diverged: {result.final['failure']}", file=sys.stderr)
         return 1

@@ -26,8 +26,8 @@ def _run(seed, **cfg_kw):
     corpus = _corpus()
     model = build_llama("nano", 64, 32, seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    cfg = LMTrainConfig(steps=30, batch_size=8, seq_len=32, lr=1e-2, eval_every=10, eval_windows=8,
-                        seed=seed, device="cpu", **cfg_kw)
+    cfg = LMTrainConfig(**{**dict(steps=30, batch_size=8, seq_len=32, lr=1e-2, eval_every=10, eval_windows=8,
+                                  seed=seed, device="cpu"), **cfg_kw})
     return train_lm("adamw", model, opt, corpus, cfg)
 
 
@@ -237,3 +237,62 @@ def test_loop_with_fused_optimizer_clips_with_its_max_grad_norm():
     free.load_state_dict(start)
     _sgd_by_hand(free, corpus, cfg, lrs, clip=None)
     assert _rel_diff(free, hand) > 1e-2
+
+
+# ---- the loop's read-outs (issue 22): token-weighted evaluation, a final evaluation, the last interval's loss
+class _Fixed(torch.nn.Module):
+    """Logits that depend on the input window only through its first token: each window's loss differs."""
+
+    def __init__(self, vocab=64):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(vocab, vocab))
+
+    def forward(self, input_ids):
+        logits = self.w[input_ids] + input_ids[:, :1, None].float() * torch.arange(64.0) / 64
+        return type("Out", (), {"logits": logits})()
+
+
+def test_evaluation_is_the_mean_over_every_window_whatever_the_batch():
+    """5 windows in batches of 2: the short last batch must weigh 1 window, not half the result."""
+    from lrkit.train import evaluate_lm, lm_loss
+
+    windows = eval_windows(_corpus().val, 5, 16)
+    model = _Fixed()
+    per_window = [lm_loss(model, windows[i: i + 1]).item() for i in range(len(windows))]
+    assert np.ptp(per_window) > 0.01  # the windows' losses differ, so a wrong weighting shows
+    for bs in (1, 2, 3, 5):
+        assert evaluate_lm(model, windows, bs, "cpu") == pytest.approx(np.mean(per_window), rel=1e-6)
+
+
+def test_final_evaluation_runs_when_steps_is_not_a_multiple_of_eval_every():
+    r = _run(0, steps=25)
+    assert [h["step"] for h in r.history if "val_loss" in h] == [10, 20, 25]
+    assert r.final["val_loss"] == r.history[-1]["val_loss"] and r.final["steps"] == 25
+
+
+def test_logged_train_loss_covers_the_last_interval_only(monkeypatch):
+    """Loss k at step k: the rows at steps 10, 20, 25 are the means of steps 1-10, 11-20, 21-25."""
+    import lrkit.train as tr
+
+    calls = {"n": 0}
+    real = tr.lm_loss
+
+    def counting(model, batch):
+        if not model.training:  # evaluation
+            return real(model, batch)
+        calls["n"] += 1
+        return real(model, batch) * 0 + calls["n"]
+    monkeypatch.setattr(tr, "lm_loss", counting)
+    r = _run(0, steps=25, log_every=5)
+    rows = {h["step"]: h["train_loss"] for h in r.history}
+    assert rows == pytest.approx({5: 3.0, 10: 8.0, 15: 13.0, 20: 18.0, 25: 23.0})
+
+
+def test_seq_len_longer_than_the_corpus_is_an_error_before_any_allocation():
+    seed_everything(0)
+    corpus = _corpus()  # 5000 training and 1001 validation tokens
+    model = build_llama("nano", 64, 32, seed=0)
+    cfg = LMTrainConfig(steps=2, batch_size=2, seq_len=600, eval_every=1, eval_windows=2, device="cpu")
+    with pytest.raises(ValueError, match="Invalid seq_len: 600 for corpus 'toy', whose validation stream has 1001 "
+                                         "tokens \\(expected seq_len <= 499"):
+        train_lm("x", model, torch.optim.SGD(model.parameters(), lr=0.1), corpus, cfg)

@@ -149,3 +149,102 @@ def test_grad_accumulation_matches_one_batch(tmp_path):
 def test_the_shipped_recipe_loads():
     r = T.load_recipe(Path(T.__file__).parents[1] / "configs/train/tiny_cpu.yaml")
     T.LMTrainConfig(**r["train"])
+
+
+# ---- issue 22: a resume with another configuration, the global RNG, the command line's errors
+@pytest.mark.parametrize("change", [("train", "lr", 3e-2), ("method_options", "rank", 2)], ids=["lr", "rank"])
+def test_resume_with_a_changed_config_is_an_error_naming_the_keys(change, tmp_path, monkeypatch):
+    """A crashed run rerun with another lr or rank in the same directory must not train on with the
+    checkpoint's values while the record states the new ones; --restart starts over."""
+    base = recipe("galore", steps=8)
+    calls, windows = {"n": 0}, T.random_windows
+
+    def crashing(*a, **k):  # dies in step 6, after the checkpoint of step 4
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise Crash
+        return windows(*a, **k)
+    monkeypatch.setattr(T, "random_windows", crashing)
+    with pytest.raises(Crash):
+        T.run_recipe(base, tmp_path / "run")
+    monkeypatch.setattr(T, "random_windows", windows)
+    section, key, value = change
+    changed = recipe("galore", steps=8)
+    changed[section][key] = value
+    old = base[section][key]
+    with pytest.raises(ValueError, match=f"another configuration .*{key}: {old!r} -> {value!r}.*--restart"):
+        T.run_recipe(changed, tmp_path / "run")
+    fresh = T.run_recipe(changed, tmp_path / "fresh")
+    restarted = T.run_recipe(changed, tmp_path / "run", restart=True)
+    assert restarted.final["val_loss"] == fresh.final["val_loss"] and restarted.history == fresh.history
+
+
+class _DropoutLM(torch.nn.Module):
+    """A tiny LM whose training draws on the global torch RNG (dropout), as dropout in any model does."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.drop, self.head = torch.nn.Embedding(vocab, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, vocab)
+
+    def forward(self, input_ids):
+        return type("Out", (), {"logits": self.head(self.drop(self.emb(input_ids)))})()
+
+
+def test_resume_restores_the_global_rng_so_dropout_masks_match(tmp_path, monkeypatch):
+    from lrkit import data
+
+    corpus = data.load("shakespeare", vocab_size=4096)
+    cfg = T.LMTrainConfig(steps=8, batch_size=4, seq_len=16, lr=1e-2, eval_every=4, eval_windows=4, device="cpu")
+
+    def run(out):
+        model = _DropoutLM(corpus.vocab_size)
+        return T.train_lm("drop", model, torch.optim.SGD(model.parameters(), lr=0.5), corpus, cfg,
+                          checkpoint_dir=out, checkpoint_every=4), model
+    straight, m1 = run(tmp_path / "a")
+    calls, windows = {"n": 0}, T.random_windows
+
+    def crashing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            torch.rand(100)  # the global RNG moves on before the crash, as it would in a real process
+            raise Crash
+        return windows(*a, **k)
+    monkeypatch.setattr(T, "random_windows", crashing)
+    with pytest.raises(Crash):
+        run(tmp_path / "b")
+    monkeypatch.setattr(T, "random_windows", windows)
+    resumed, m2 = run(tmp_path / "b")
+    assert resumed.history == straight.history
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+
+
+def _cli_run(tmp_path, *args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(T.__file__).parents[1])}
+    return subprocess.run([sys.executable, "-m", "lrkit.train", *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_errors_are_one_line_with_exit_status_2_and_debug_shows_the_traceback(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(recipe("full")))
+    res = _cli_run(tmp_path, "--config", str(p), "--set", "train.stepz=3", "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()]  # one line
+    assert "error: Invalid train keys ['stepz']" in res.stderr
+    res = _cli_run(tmp_path, "--config", str(p), "--set", "train.stepz=3", "--debug")
+    assert res.returncode != 0 and "Traceback" in res.stderr and "Invalid train keys" in res.stderr
+
+
+def test_recipe_that_is_a_list_or_binary_and_numbers_without_a_dot(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("- method: full\n- model_size: nano\n")
+    with pytest.raises(ValueError, match="holds a list, not a mapping"):
+        T.load_recipe(p)
+    p.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="is not a YAML text file"):
+        T.load_recipe(p)
+    p.write_text(yaml.safe_dump(recipe("full")))
+    r = T.load_recipe(p, ["train.lr=1e-3", "name='1e-3'"])
+    assert r["train"]["lr"] == 0.001 and r["name"] == "1e-3"  # a number as a user means it; quotes keep a string
+    T.LMTrainConfig(**r["train"])
