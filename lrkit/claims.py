@@ -11,17 +11,39 @@ The rule, written once:
    seed (same initialisation and data order where the method allows), so differences are *paired*.
    ``monotone`` claims give one q per adjacent pair of arms (arm[k+1] vs arm[k]); ``interior_optimum``
    claims give q = (best endpoint) - (best interior arm), positive when the optimum lies inside.
-2. The 95 % interval is Student's t interval of the mean of q across seeds (df = n - 1); a ratio's
+2. **Failed runs count.** A run that failed, diverged or ended as a constant predictor has no finite
+   value (its reader gives None, nan or inf). It is never dropped: it counts as the *worst* finite value of
+   the claim's metric among every arm and seed measured for it (the highest when the metric's
+   ``lower_is_better``, else the lowest), so a method whose runs fail is charged for them. The verdict's
+   ``failed`` says how many of its ``runs`` were counted so, and its note names them and the value used.
+   If no run of the metric has a finite value the claim is unresolved ("every run failed"); a ratio claim
+   whose worst value is not positive is unresolved too (a ratio needs positive values). Only a seed that
+   an arm was never run on (absent from its measurements) is left out of the pairing, and the note says so.
+3. The 95 % interval is Student's t interval of the mean of q across seeds (df = n - 1); a ratio's
    interval is taken on log q and mapped back. Why t and not a bootstrap: with 3 to 5 seeds a bootstrap
    interval is too narrow (it can only resample the few values seen), while the t interval is exact for
    normal errors and conservative enough for this n.
-3. Verdict: **holds** when the whole interval lies strictly on the claimed side of the bound
-   (``op`` "<" or ">"; for "between", strictly inside (-bound, bound), or (1/bound, bound) for ratios);
-   **contradicted** when the whole interval lies strictly on the other side (for "between": entirely
-   outside); otherwise **unresolved at this scale**. An interval that touches the bound is unresolved.
-   With one seed there is no interval: always unresolved. With zero spread the interval is the point.
-   ``monotone`` holds when every adjacent step holds and is contradicted when any step is contradicted.
-4. No correction for the many claims tested per notebook: each verdict is a 95 % statement on its own.
+4. Verdict: **holds** when the whole interval lies strictly on the claimed side of the bound
+   (``op`` "<" or ">"; for "between", strictly inside (-bound, bound), or (1/bound, bound) for ratios:
+   an equivalence test); **contradicted** when the whole interval lies strictly on the other side (for
+   "between": entirely outside); otherwise **unresolved at this scale**. An interval that touches the bound
+   is unresolved. With one seed there is no interval: always unresolved. With zero spread the interval is
+   the point. ``monotone`` holds when every adjacent step holds and is contradicted when any step is
+   contradicted; the weakest step stands for the claim.
+5. An unresolved verdict says why (``Verdict.reason``): "one seed"; "k of n runs failed" when failed runs
+   are among its evidence; else, from the observed mean and spread of q, the smallest n at which the t
+   interval's half-width would be below the distance d of the mean from the bound (quantity units, log
+   for ratios; for "between" the distance to the nearer edge of the band; the weakest step of a monotone
+   claim): "too few seeds for this effect" with that n when it is at most :data:`MAX_SEEDS`, else "no
+   effect at this scale" (the estimate sits at the bound).
+6. A compare claim on a difference or ratio also states its ``direction``: which arm is better (by the
+   metric's ``lower_is_better``) when the 95 % interval excludes no difference (0, or 1 for a ratio), else
+   that the two are indistinguishable (nothing with one seed, which has no interval); so a one-sided "no
+   worse than" that holds because A is much better shows it.
+7. No correction for the many claims tested per notebook: each verdict is a 95 % statement on its own.
+   Claims marked ``accounting`` (byte counts, analytic FLOPs, formula identities) get verdicts by the same
+   rule but are bookkeeping, not reproduced results: reports show them apart and leave them out of the
+   tally.
 
 The rule is fixed before any result is looked at; notebooks only list claims and render verdicts.
 """
@@ -38,6 +60,10 @@ KINDS = ("compare", "monotone", "interior_optimum")
 QUANTITIES = ("value", "difference", "ratio")
 OPS = ("<", ">", "between")
 LEVEL = 0.95
+MAX_SEEDS = 50  # an unresolved claim that would need more seeds than this shows "no effect at this scale"
+# Why a verdict is unresolved (the start of ``Verdict.reason``), the categories the reports tally.
+REASON_KINDS = {"one seed": "one seed", "every run failed": "runs failed", "too few seeds": "too few seeds",
+                "no effect at this scale": "no effect at this scale"}
 
 # Equivalence ("on par", "tie", "matches", "near") and non-inferiority ("no worse than") margins: one scale per
 # metric family across the kit, fixed before the rerun that reads them (issue 19). Claims use these bounds and
@@ -104,6 +130,9 @@ class Claim:
         if self.op == "between" and (self.bound <= (1 if self.quantity == "ratio" else 0)):
             raise ValueError(f"Invalid bound: {self.bound!r} for 'between' claim {self.id!r} "
                              f"(expected a half-width > 0, or a ratio > 1)")
+        if self.op == "between" and not str(self.margin_reason).strip():
+            raise ValueError(f"Invalid margin_reason: {self.margin_reason!r} for 'between' claim {self.id!r} "
+                             f"(expected why the equivalence margin is {self.bound!r}; see lrkit.claims.MARGINS)")
 
     @property
     def target(self) -> str:
@@ -161,8 +190,22 @@ class Verdict:
 
     def as_row(self) -> dict:
         return {"claim": self.claim, "verdict": self.verdict, "estimate": self.estimate,
-                "ci95_low": self.low, "ci95_high": self.high, "n": self.n, "tested": self.target,
-                "paper": self.paper, "source": self.source, "statement": self.statement, "note": self.note}
+                "ci95_low": self.low, "ci95_high": self.high, "n": self.n, "failed": self.failed, "runs": self.runs,
+                "direction": self.direction, "reason": self.reason, "tested": self.target, "paper": self.paper,
+                "paper_source": self.paper_source, "source": self.source, "statement": self.statement,
+                "note": self.note, "flags": "; ".join(self.flags), "accounting": self.accounting,
+                "margin_reason": self.margin_reason}
+
+
+def reason_kind(reason: str) -> str:
+    """The category of an unresolved verdict's reason, as the reports tally it: "one seed", "runs failed",
+    "too few seeds", "no effect at this scale" (or "reason not recorded" for records made before reasons)."""
+    if not reason:
+        return "reason not recorded"
+    for start, kind in REASON_KINDS.items():
+        if reason.startswith(start):
+            return kind
+    return "runs failed" if "runs failed" in reason else "other"
 
 
 def interval(values, log: bool = False, level: float = LEVEL) -> tuple[float, float, float, int]:
@@ -199,16 +242,42 @@ def _decide(low: float, high: float, op: str, bound: float, ratio: bool) -> str:
     return CONTRADICTED if (low > bound or high < lo_b) else UNRESOLVED
 
 
-def _paired(measurements: dict, arms) -> tuple[list, dict]:
-    """Seeds every arm has a finite value for, and each arm's values on them (in seed order)."""
+def _finite(v) -> bool:
+    try:
+        return v is not None and math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _per_seed(values) -> dict:
+    return dict(values) if isinstance(values, dict) else dict(enumerate(values))
+
+
+def _sorted(seeds) -> list:
+    try:
+        return sorted(seeds)
+    except TypeError:  # seeds of mixed kinds: a stable order all the same
+        return sorted(seeds, key=str)
+
+
+def _paired(measurements: dict, arms, lower_is_better: bool = True):
+    """The failed-runs rule applied to ``measurements`` for ``arms``: (seeds every arm was run on, each arm's
+    values on them in seed order with every failed run replaced by the worst finite value, the failed runs
+    as (arm, seed), that worst value (None when no run of any arm has a finite value), how many seeds some
+    arm was never run on)."""
     missing = [a for a in arms if a not in measurements]
     if missing:
         raise KeyError(f"no measurements for arm(s) {missing}; measured arms: {sorted(measurements)}")
-    per = {a: dict(measurements[a]) if isinstance(measurements[a], dict) else dict(enumerate(measurements[a]))
-           for a in arms}
-    seeds = sorted(set.intersection(*(set(s for s, v in per[a].items()
-                                          if v is not None and math.isfinite(v)) for a in arms)))
-    return seeds, {a: np.array([per[a][s] for s in seeds], dtype=float) for a in arms}
+    per = {a: _per_seed(m) for a, m in measurements.items()}
+    finite = [float(x) for vals in per.values() for x in vals.values() if _finite(x)]
+    worst = (max if lower_is_better else min)(finite) if finite else None
+    seeds = _sorted(set.intersection(*(set(per[a]) for a in arms)))
+    absent = len(set().union(*(set(per[a]) for a in arms))) - len(seeds)
+    failed = [(a, s) for a in arms for s in seeds if not _finite(per[a][s])]
+    fill = float("nan") if worst is None else worst
+    values = {a: np.array([float(per[a][s]) if _finite(per[a][s]) else fill for s in seeds], dtype=float)
+              for a in arms}
+    return seeds, values, failed, worst, absent
 
 
 def _quantity(claim: Claim, a: np.ndarray, b: np.ndarray | None) -> np.ndarray:
@@ -217,45 +286,141 @@ def _quantity(claim: Claim, a: np.ndarray, b: np.ndarray | None) -> np.ndarray:
     return a - b if claim.quantity == "difference" else a / b
 
 
-def evaluate(claim: Claim, measurements: dict) -> Verdict:
+def _units(q: np.ndarray, ratio: bool) -> np.ndarray:
+    return np.log(q) if ratio else np.asarray(q, dtype=float)
+
+
+def seeds_needed(q, op: str, bound: float, ratio: bool = False, max_seeds: int = MAX_SEEDS) -> int | None:
+    """The smallest number of seeds n (2 <= n <= ``max_seeds``) at which the t interval's half-width,
+    t(0.975, n-1) * sd / sqrt(n) with the observed sd of ``q``, falls below the distance of the observed
+    mean from ``bound`` (log units for a ratio; for "between" the distance to the nearer edge of the band);
+    None when even ``max_seeds`` would not do (or the mean sits on the bound, or there is no spread to
+    extrapolate from: fewer than two values)."""
+    x = _units(np.asarray(q, dtype=float), ratio)
+    if len(x) < 2:
+        return None
+    b = math.log(bound) if ratio else float(bound)
+    mean, sd = float(x.mean()), float(x.std(ddof=1))
+    d = abs(b - abs(mean)) if op == "between" else abs(mean - b)
+    if not d > 0:
+        return None
+    if sd == 0:
+        return 2
+    for n in range(2, max_seeds + 1):
+        if stats.t.ppf(0.5 + LEVEL / 2, n - 1) * sd / math.sqrt(n) < d:
+            return n
+    return None
+
+
+def _reason(verdict: str, n: int, failed: int, runs: int, q, claim: Claim) -> str:
+    """Why a verdict is unresolved (rule 5 of the module docstring); "" for a firm verdict."""
+    if verdict != UNRESOLVED:
+        return ""
+    if n == 0:
+        return "no seed was run on every arm"
+    if n < 2:
+        return "one seed"
+    if failed:
+        return f"{failed} of {runs} runs failed"
+    need = seeds_needed(q, claim.op, claim.bound, claim.quantity == "ratio")
+    if need is not None:
+        return (f"too few seeds for this effect: about {need} seeds would resolve it at the observed effect "
+                "and spread")
+    return f"no effect at this scale: the estimate sits at the bound (> {MAX_SEEDS} seeds would be needed)"
+
+
+def _direction(claim: Claim, low: float, high: float) -> str:
+    """Which arm the interval favours, by the metric's direction (rule 6); "" for claims on one arm."""
+    if claim.kind != "compare" or claim.quantity == "value":
+        return ""
+    a, b = claim.arms
+    if math.isnan(low) or math.isnan(high):  # one seed: no interval, no direction to state
+        return ""
+    null = 1.0 if claim.quantity == "ratio" else 0.0
+    if high < null:
+        lower, higher = a, b
+    elif low > null:
+        lower, higher = b, a
+    else:
+        return f"{a} and {b} indistinguishable"
+    better, worse = (lower, higher) if claim.lower_is_better else (higher, lower)
+    return f"{better} better than {worse}"
+
+
+def _flags(claim: Claim, flags: dict | None) -> list:
+    out = []
+    for arm in claim.arms:
+        text = (flags or {}).get(arm)
+        if text and text not in out:
+            out.append(str(text))
+    return out
+
+
+def evaluate(claim: Claim, measurements: dict, flags: dict | None = None) -> Verdict:
     """The verdict on ``claim`` from ``measurements``: {arm: {seed: value}} (or {arm: [values]}, paired
-    by position). Seeds where any compared arm has no finite value (a diverged run) are left out and
-    the note says how many."""
+    by position), every arm measured for the claim's metric (the failed-runs rule takes its worst value
+    among all of them). A failed run (None, nan, inf) counts at that worst value and the verdict says so;
+    a seed an arm was never run on is left out. ``flags``: {arm: text}, caveats on arms (e.g. a learning
+    rate at the edge of its grid) carried into the verdict of every claim comparing a flagged arm."""
     ratio = claim.quantity == "ratio"
-    seeds, v = _paired(measurements, claim.arms)
-    total = len(set().union(*(set(dict(measurements[a]) if isinstance(measurements[a], dict)
-                                   else range(len(measurements[a]))) for a in claim.arms)))
-    note = f"{total - len(seeds)} seed(s) without a finite value in every arm left out" if total > len(seeds) else ""
+    seeds, v, failed, worst, absent = _paired(measurements, claim.arms, claim.lower_is_better)
+    n, runs = len(seeds), len(seeds) * len(claim.arms)
+    notes = [f"{absent} seed(s) not run on every arm left out"] if absent else []
+    if failed:
+        who = ", ".join(f"{a} seed {s}" for a, s in failed)
+        notes.append(f"{len(failed)} of {runs} runs failed ({who}), counted at the worst value of the metric "
+                     f"among this notebook's runs ({_num(worst)})" if worst is not None
+                     else f"{len(failed)} of {runs} runs failed ({who}): no run of this metric has a finite value")
     base = dict(claim=claim.id, statement=claim.statement, source=claim.source, target=claim.target,
-                paper=claim.paper, quantity=claim.quantity, op=claim.op, bound=claim.bound)
+                paper=claim.paper, quantity=claim.quantity, op=claim.op, bound=claim.bound,
+                accounting=claim.accounting, margin_reason=claim.margin_reason, paper_source=claim.paper_source,
+                failed=len(failed), runs=runs, flags=_flags(claim, flags), n=n)
+    nan = float("nan")
+
+    def unresolved(reason: str) -> Verdict:
+        return Verdict(verdict=UNRESOLVED, estimate=nan, low=nan, high=nan, note="; ".join(notes), reason=reason,
+                       **base)
+
+    if failed and worst is None:
+        return unresolved("every run failed")
+    if failed and ratio and worst <= 0:
+        return unresolved(f"{len(failed)} of {runs} runs failed and the worst value of the metric ({_num(worst)}) "
+                          "is not positive, so a failed run has no ratio")
     if claim.kind == "compare":
         q = _quantity(claim, v[claim.arms[0]], v[claim.arms[1]] if len(claim.arms) > 1 else None)
-        est, lo, hi, n = interval(q, log=ratio)
-        return Verdict(verdict=_decide(lo, hi, claim.op, claim.bound, ratio), estimate=est, low=lo, high=hi,
-                       n=n, note=note, **base)
+        est, lo, hi, _ = interval(q, log=ratio)
+        verdict = _decide(lo, hi, claim.op, claim.bound, ratio)
+        return Verdict(verdict=verdict, estimate=est, low=lo, high=hi, note="; ".join(notes),
+                       reason=_reason(verdict, n, len(failed), runs, q, claim), direction=_direction(claim, lo, hi),
+                       **base)
     if claim.kind == "monotone":
-        steps = []
+        steps, qs = [], []
         for a, b in zip(claim.arms, claim.arms[1:]):
-            est, lo, hi, n = interval(_quantity(claim, v[b], v[a]), log=ratio)
+            q = _quantity(claim, v[b], v[a])
+            est, lo, hi, _ = interval(q, log=ratio)
             steps.append({"from": a, "to": b, "estimate": est, "low": lo, "high": hi,
                           "verdict": _decide(lo, hi, claim.op, claim.bound, ratio)})
+            qs.append(q)
         verdicts = [s["verdict"] for s in steps]
         verdict = CONTRADICTED if CONTRADICTED in verdicts else HOLDS if all(x == HOLDS for x in verdicts) else UNRESOLVED
         # The step with the weakest evidence for the claim stands for the whole claim.
-        weakest = max(steps, key=lambda s: _slack(s, claim.op, claim.bound, ratio))
+        k = max(range(len(steps)), key=lambda i: _slack(steps[i], claim.op, claim.bound, ratio))
+        weakest = steps[k]
+        notes.append(f"weakest step {weakest['from']} -> {weakest['to']}")
         return Verdict(verdict=verdict, estimate=weakest["estimate"], low=weakest["low"], high=weakest["high"],
-                       n=len(seeds), steps=steps,
-                       note="; ".join(filter(None, [note, f"weakest step {weakest['from']} -> {weakest['to']}"])), **base)
+                       steps=steps, note="; ".join(notes),
+                       reason=_reason(verdict, n, len(failed), runs, qs[k], claim), **base)
     # interior optimum: the interior arm with the best mean against the better endpoint, per seed
     inner = claim.arms[1:-1]
     sign = 1 if claim.lower_is_better else -1
     best = min(inner, key=lambda arm: sign * np.mean(v[arm]) if len(seeds) else 0.0)
     ends = np.minimum(sign * v[claim.arms[0]], sign * v[claim.arms[-1]]) * sign
     q = (ends - v[best]) * sign if not ratio else (ends / v[best]) ** sign
-    est, lo, hi, n = interval(q, log=ratio)
-    return Verdict(verdict=_decide(lo, hi, claim.op, claim.bound, ratio), estimate=est, low=lo, high=hi, n=n,
-                   note="; ".join(filter(None, [note, f"best interior arm: {best} (chosen by its mean, so "
-                                                        "the interval is optimistic)"])), **base)
+    est, lo, hi, _ = interval(q, log=ratio)
+    verdict = _decide(lo, hi, claim.op, claim.bound, ratio)
+    notes.append(f"best interior arm: {best} (chosen by its mean, so the interval is optimistic)")
+    return Verdict(verdict=verdict, estimate=est, low=lo, high=hi, note="; ".join(notes),
+                   reason=_reason(verdict, n, len(failed), runs, q, claim), **base)
 
 
 def _slack(step: dict, op: str, bound: float, ratio: bool) -> float:
@@ -271,9 +436,10 @@ def _slack(step: dict, op: str, bound: float, ratio: bool) -> float:
     return max(f(hi) - f(bound), (-f(bound) if ratio else -bound) - f(lo))
 
 
-def evaluate_all(claims, measurements_for) -> list[Verdict]:
-    """Verdicts of ``claims``; ``measurements_for(metric)`` gives {arm: {seed: value}} for a metric."""
-    return [evaluate(c, measurements_for(c.metric)) for c in claims]
+def evaluate_all(claims, measurements_for, flags: dict | None = None) -> list[Verdict]:
+    """Verdicts of ``claims``; ``measurements_for(metric)`` gives {arm: {seed: value}} for a metric;
+    ``flags`` {arm: text} go into the verdict of every claim whose arms include a flagged arm."""
+    return [evaluate(c, measurements_for(c.metric), flags=flags) for c in claims]
 
 
 def table(verdicts):
@@ -284,12 +450,27 @@ def table(verdicts):
 
 
 def sentence(v: Verdict) -> str:
-    """One line per verdict, e.g. 'galore-vs-full (Table 2): holds; GaLore/full ... 0.96 [0.94, 0.98], n=5'."""
+    """One line per verdict, e.g. 'galore-vs-full (Table 2): HOLDS. ... Tested ...: estimate 0.96, 95% CI
+    [0.94, 0.98], n=5; galore better than full-rank; paper: 1.024 (Table 2, 60M).': with the reason of an
+    unresolved verdict, the margin's reason in short, the failed runs, the direction, the flags and the note."""
     ci = "no interval (one seed)" if v.n < 2 else f"95% CI [{_num(v.low)}, {_num(v.high)}]"
-    paper = f"; paper: {_num(v.paper)}" if v.paper is not None else ""
+    verdict = v.verdict.upper() + (f" ({v.reason})" if v.reason else "")
+    kind = " [accounting: bookkeeping, not a reproduced claim]" if v.accounting else ""
+    margin = f" (margin: {_compact(v.margin_reason)})" if v.margin_reason else ""
+    failed = f" ({v.failed} of {v.runs} runs failed)" if v.failed else ""
+    direction = f"; {v.direction}" if v.direction else ""
+    paper = (f"; paper: {_num(v.paper)}" + (f" ({v.paper_source})" if v.paper_source else "")
+             if v.paper is not None else "")
+    flags = f"; flags: {'; '.join(v.flags)}" if v.flags else ""
     note = f" ({v.note})" if v.note else ""
-    return (f"{v.claim} ({v.source}): {v.verdict.upper()}. {v.statement} Tested {v.target}: estimate "
-            f"{_num(v.estimate)}, {ci}, n={v.n}{paper}{note}.")
+    return (f"{v.claim} ({v.source}): {verdict}{kind}. {v.statement} Tested {v.target}{margin}: estimate "
+            f"{_num(v.estimate)}, {ci}, n={v.n}{failed}{direction}{paper}{flags}{note}.")
+
+
+def _compact(reason: str, width: int = 60) -> str:
+    """A margin's reason in short: up to its first colon (MARGINS' reasons start with the margin in words)."""
+    head = reason.split(":", 1)[0].strip()
+    return head if len(head) <= width else head[:width - 1].rstrip() + "…"
 
 
 def to_records(verdicts) -> list[dict]:

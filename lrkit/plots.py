@@ -97,7 +97,9 @@ def verdicts(verdicts, ax=None, title: str = "Claims: estimate and 95% interval,
             lo = hi = est
         ax.errorbar([est], [i], xerr=[[est - lo], [hi - est]], fmt="o", color=colour, capsize=4,
                     mfc="white" if v.n < 2 else colour)
-        ax.text(1.01, i, f"{v.verdict} (n={v.n})", transform=ax.get_yaxis_transform(), va="center",
+        failed = f", {v.failed} of {v.runs} runs failed" if getattr(v, "failed", 0) else ""
+        kind = " [accounting]" if getattr(v, "accounting", False) else ""
+        ax.text(1.01, i, f"{v.verdict} (n={v.n}{failed}){kind}", transform=ax.get_yaxis_transform(), va="center",
                 fontsize=8, color=colour)
     ax.axvline(0, color="black", lw=1)
     ax.set_yticks(range(len(vs)), [v.claim for v in vs], fontsize=8)

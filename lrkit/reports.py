@@ -293,14 +293,59 @@ def _fmt(v, digits: int = 4) -> str:
     return "" if v is None else str(v)
 
 
-CLAIM_COLUMNS = ("claim", "verdict", "estimate", "low", "high", "n", "target", "paper", "source")
+ACCOUNTING_TITLE = "Accounting (bookkeeping, not reproduced claims)"
 
 
-def _claim_rows(doc: dict) -> list[dict]:
-    """The notebook's verdicts (recorded by ``lrkit.experiments.report``) as display rows."""
-    return [{"claim": c["claim"], "verdict": c["verdict"], "estimate": c["estimate"], "95% CI": _ci(c),
-             "n seeds": c["n"], "tested": c["target"], "paper": c.get("paper"), "source": c["source"]}
-            for c in doc.get("summary", {}).get("claims", [])]
+def _claims(doc: dict, accounting: bool | None = None) -> list[dict]:
+    """The notebook's recorded verdicts (``lrkit.experiments.report``); only the accounting ones (byte counts,
+    analytic FLOPs, formula identities) or only the empirical ones when ``accounting`` is True / False. Records
+    made before the accounting field count as empirical."""
+    out = doc.get("summary", {}).get("claims", [])
+    return out if accounting is None else [c for c in out if bool(c.get("accounting", False)) == accounting]
+
+
+def _claim_rows(doc: dict, accounting: bool = False) -> list[dict]:
+    """The notebook's empirical (or, with ``accounting``, its accounting) verdicts as display rows: verdict,
+    estimate, interval, seeds and failed runs, the direction of a comparison, why an unresolved one is
+    unresolved, the flags on its inputs and the paper's value with its source. Old records lacking a field show
+    it empty."""
+    rows = []
+    for c in _claims(doc, accounting):
+        paper = c.get("paper")
+        if paper is not None and c.get("paper_source"):
+            paper = f"{_fmt(paper)} ({c['paper_source']})"
+        row = {"claim": c["claim"], "verdict": c["verdict"], "estimate": c.get("estimate"), "95% CI": _ci(c),
+               "n seeds": c.get("n"),
+               "failed runs": f"{c.get('failed', 0)} of {c['runs']}" if c.get("runs") else "",
+               "direction": c.get("direction", ""), "why unresolved": c.get("reason", ""),
+               "tested": c.get("target", ""), "paper": paper, "source": c.get("source", ""),
+               "flags": "; ".join(c.get("flags") or [])}
+        rows.append(row)
+    return rows
+
+
+def tally(claims: list[dict]) -> str:
+    """The verdict tally of recorded ``claims``: empirical claims only (with the reasons of the unresolved
+    ones), then the accounting checks apart, e.g. "empirical claims: 3 contradicted, 20 holds, 17 unresolved
+    at this scale (reasons: 9 too few seeds, 5 no effect at this scale, 3 runs failed); accounting: 12 checks,
+    all hold"."""
+    from collections import Counter
+
+    from lrkit.claims import HOLDS, UNRESOLVED, reason_kind
+
+    empirical = [c for c in claims if not c.get("accounting", False)]
+    counts = Counter(c["verdict"] for c in empirical)
+    text = "empirical claims: " + (", ".join(f"{n} {v}" for v, n in sorted(counts.items())) or "none")
+    reasons = Counter(reason_kind(c.get("reason", "")) for c in empirical if c["verdict"] == UNRESOLVED)
+    if reasons:
+        text += " (reasons: " + ", ".join(f"{n} {k}" for k, n in reasons.most_common()) + ")"
+    accounting = Counter(c["verdict"] for c in claims if c.get("accounting", False))
+    if accounting:
+        total = sum(accounting.values())
+        text += f"; accounting: {total} check{'s' if total > 1 else ''}, " + (
+            "all hold" if accounting[HOLDS] == total
+            else ", ".join(f"{n} {v}" for v, n in sorted(accounting.items())))
+    return text
 
 
 def _ci(c: dict) -> str:
@@ -319,7 +364,7 @@ def build_index(profile: str = "auto") -> Path:
     claim's verdict, estimate, interval and n at the top, then its headline figure, summary table,
     profile, device and run time, and a link to the executed notebook's HTML."""
     prof = profile_settings(profile)["name"]
-    cards, toc, counts = {}, [], {}
+    cards, toc, every = {}, [], []
     for key, d, doc in _collect(prof):
         ex, summ = doc.get("execution", {}), doc.get("summary", {})
         rel = d.relative_to(REPORTS_DIR).as_posix()
@@ -327,12 +372,16 @@ def build_index(profile: str = "auto") -> Path:
         fig = f'<img src="{rel}/{html.escape(summ["headline"])}" alt="{key} headline figure">' \
             if summ.get("headline") else ""
         link = f'<a href="{rel}/{html.escape(ex["html"])}">executed notebook</a>' if ex.get("html") else ""
-        rows = _claim_rows(doc)
-        for r in rows:
-            counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
+        rows, accounting = _claim_rows(doc), _claim_rows(doc, accounting=True)
+        every += _claims(doc)
         verdicts = "".join(f'<span class="v {_vclass(r["verdict"])}">{html.escape(r["verdict"])}</span> '
                            for r in rows)
+        if accounting:
+            verdicts += f'<span class="meta">+ {len(accounting)} accounting</span>'
         claims_html = _html_table(rows, verdict_col="verdict") if rows else ""
+        if accounting:
+            claims_html += (f'<h4>{html.escape(ACCOUNTING_TITLE)}</h4>'
+                            + _html_table(accounting, verdict_col="verdict"))
         notes = [c for c in summ.get("conclusions", [])]
         concl = "".join(f"<li>{html.escape(c)}</li>" for c in notes)
         meta = (f"profile <b>{html.escape(prof)}</b> · {html.escape(ex.get('device_name', '?'))} · "
@@ -347,7 +396,7 @@ def build_index(profile: str = "auto") -> Path:
     body = "".join(f'<h2 id="paper-{p}">{html.escape(p)}</h2>{"".join(c)}' for p, c in cards.items())
     if not cards:
         body = f"<p>No results for profile {html.escape(prof)} yet: run <code>make reproduce</code>.</p>"
-    tally = ", ".join(f"{n} {html.escape(v)}" for v, n in sorted(counts.items()))
+    counted = html.escape(tally(every)) if every else "none"
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>lrkit reports ({prof})</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1150px;padding:0 1rem}}
 .card{{border:1px solid #ccc;border-radius:8px;padding:1rem;margin:1rem 0}}
@@ -359,7 +408,9 @@ td,th{{border:1px solid #ddd;padding:.25rem .5rem;text-align:right}}
 <body><h1>lrkit reports: profile {html.escape(prof)}</h1>
 <p>Each claim is tested by one rule (<code>lrkit.claims</code>): a paired Student-t 95% interval across seeds;
 <b>holds</b> when the whole interval is on the claim's side of the tested bound, <b>contradicted</b> when it is
-wholly on the other side, otherwise <b>unresolved at this scale</b>. Verdicts: {tally or "none"}.</p>
+wholly on the other side, otherwise <b>unresolved at this scale</b>, with its reason. A failed run counts at the
+worst value of its metric. Byte counts, analytic FLOPs and formula identities are accounting, shown apart and not
+counted as reproduced claims. Verdicts: {counted}.</p>
 <nav><ul>{''.join(toc)}</ul></nav>{body}</body></html>"""
     path = REPORTS_DIR / "index.html"
     atomic_write_bytes(path, page.encode())
@@ -393,17 +444,28 @@ def build_readme(profile: str = "cpu") -> Path:
              "Verdicts come from one rule (`lrkit.claims`): per claim a quantity per seed (a paired difference or "
              "ratio of two arms, or one arm's value), Student's t 95 % interval of its mean across seeds, and "
              "**holds** when the whole interval lies on the claim's side of the tested bound, **contradicted** "
-             "when it lies wholly on the other side, else **unresolved at this scale**.", "",
+             "when it lies wholly on the other side, else **unresolved at this scale**, with its reason (one seed, "
+             "failed runs, too few seeds for the observed effect, or no effect at this scale). A failed or diverged "
+             "run counts at the worst value of its metric among the notebook's runs. Byte counts, analytic FLOPs "
+             "and formula identities are accounting: shown in tables of their own and left out of the tally.", "",
              "## All claims", ""]
     docs = _collect(profile)
+    lines += [f"Verdicts: {tally([c for _, _, doc in docs for c in _claims(doc)])}.", "",
+              "### Empirical claims", ""]
     lines += _md_table([{"notebook": key, **{k: v for k, v in r.items() if k != "source"}}
                         for key, _, doc in docs for r in _claim_rows(doc)])
+    accounting = [{"notebook": key, **{k: v for k, v in r.items() if k != "source"}}
+                  for key, _, doc in docs for r in _claim_rows(doc, accounting=True)]
+    if accounting:
+        lines += [f"### {ACCOUNTING_TITLE}", "", *_md_table(accounting)]
     for key, d, doc in docs:
         ex, summ = doc.get("execution", {}), doc.get("summary", {})
         rel = d.relative_to(REPORTS_DIR).as_posix()
         lines += [f"## {key}", "",
                   f"{ex.get('device_name', '?')}, run time {ex.get('wall_time_s', 0):.0f} s, commit {_short(doc)}.", ""]
         lines += _md_table(_claim_rows(doc))
+        if _claims(doc, accounting=True):
+            lines += [f"**{ACCOUNTING_TITLE}**", "", *_md_table(_claim_rows(doc, accounting=True))]
         lines += _md_table(summ.get("table", []))
         lines += [f"- {c}" for c in summ.get("conclusions", [])]
         if summ.get("headline"):
@@ -474,15 +536,17 @@ def check_reports(profile: str = "cpu", rtol: float = CHECK_RTOL, ref: str = "HE
 
     Computed metrics (losses, accuracies, byte and FLOP counts, ranks) must agree within ``rtol`` (default
     :data:`CHECK_RTOL`: same seed, same numbers on CPU, last-bit BLAS noise aside); measured ones (wall and projector times, :data:`MEASURED`) are listed
-    with their ratio and never fail. Warns when a committed run was made in another environment than
-    requirements.lock describes now. Returns False if a computed metric differs or a committed run is
-    missing from the fresh results.
+    with their ratio and never fail. Boolean read-outs of a run (``diverged``, ``unstable``, ``failed``: every
+    boolean in its final metrics) must be the same, and so must every claim's verdict in the notebook's summary.
+    Warns when a committed run was made in another environment than requirements.lock describes now. Returns
+    False if a computed metric, a boolean or a verdict differs, or a committed run or claim is missing from the
+    fresh results.
     """
     from lrkit._lock import lock_digest
 
     if profile not in records.PROFILES:
         raise ValueError(f"Invalid profile: {profile!r} (expected one of {list(records.PROFILES)})")
-    ok, rows, measured, other_env = True, [], [], set()
+    ok, rows, measured, verdicts, other_env = True, [], [], [], set()
     tracked = subprocess.run(["git", "ls-files", "reports"], cwd=REPO_ROOT, capture_output=True,
                              text=True).stdout.split()
     refs = [p for p in tracked if p.endswith(f"/{profile}/metrics.json")]
@@ -501,9 +565,14 @@ def check_reports(profile: str = "cpu", rtol: float = CHECK_RTOL, ref: str = "HE
                 other_env.add(nb)
             fdoc = fresh["runs"].get(run)
             for metric, cval in cdoc.get("final", {}).items():
-                if not isinstance(cval, (int, float)) or isinstance(cval, bool):
-                    continue
                 fval = None if fdoc is None else fdoc.get("final", {}).get(metric)
+                if isinstance(cval, bool):  # diverged, unstable, failed: the same, exactly
+                    good = isinstance(fval, bool) and fval == cval
+                    ok &= good
+                    rows.append((nb, run, metric, cval, fval, 0.0 if good else float("inf"), good))
+                    continue
+                if not isinstance(cval, (int, float)):
+                    continue
                 if MEASURED.search(metric):
                     measured.append((nb, run, metric, cval, fval))
                     continue
@@ -514,10 +583,23 @@ def check_reports(profile: str = "cpu", rtol: float = CHECK_RTOL, ref: str = "HE
                     good = diff <= rtol
                 ok &= good
                 rows.append((nb, run, metric, cval, fval, diff, good))
+        # every claim's verdict: the same as the reference's (a claim missing from the fresh results differs)
+        fresh_verdicts = {c.get("claim"): c.get("verdict") for c in fresh.get("summary", {}).get("claims", [])}
+        for c in committed.get("summary", {}).get("claims", []):
+            fv = fresh_verdicts.get(c.get("claim"))
+            good = fv == c.get("verdict")
+            ok &= good
+            verdicts.append((nb, c.get("claim"), c.get("verdict"), fv, good))
     print(f"{'notebook':<34} {'run':<18} {'metric':<16} {'committed':>12} {'fresh':>12} {'rel diff':>9}")
     for nb, run, metric, cval, fval, diff, good in rows:
-        print(f"{nb:<34} {run:<18} {metric:<16} {cval:>12.6g} {_fmt(fval, 6):>12} {diff:>9.2e}"
+        committed_text = str(cval) if isinstance(cval, bool) else f"{cval:.6g}"
+        print(f"{nb:<34} {run:<18} {metric:<16} {committed_text:>12} {_fmt(fval, 6):>12} {diff:>9.2e}"
               f"{'' if good else '  <-- differs'}")
+    if verdicts:
+        print(f"\n{'notebook':<34} {'claim':<36} {'committed verdict':<26} {'fresh verdict':<26}")
+        for nb, claim, cv, fv, good in verdicts:
+            print(f"{nb:<34} {claim!s:<36} {cv!s:<26} {fv if fv is not None else 'missing':<26}"
+                  f"{'' if good else '  <-- differs'}")
     if measured:
         print(f"\nmeasured on this machine (not compared): {'committed':>12} {'fresh':>12} {'ratio':>7}")
         for nb, run, metric, cval, fval in measured:
@@ -527,7 +609,8 @@ def check_reports(profile: str = "cpu", rtol: float = CHECK_RTOL, ref: str = "HE
         print(f"WARNING: {nb}: committed runs were made with another environment than requirements.lock "
               f"(lock sha256 {lock_now[:12]}) or before the lock existed")
     print(f"{'OK' if ok else 'DIFFERS'}: {sum(r[-1] for r in rows)}/{len(rows)} computed metrics "
-          f"{'identical' if rtol == 0 else f'within rtol={rtol}'}; {len(measured)} measured figures listed")
+          f"{'identical' if rtol == 0 else f'within rtol={rtol}'}; {len(measured)} measured figures listed"
+          + (f"; {sum(v[-1] for v in verdicts)}/{len(verdicts)} claim verdicts unchanged" if verdicts else ""))
     return ok
 
 

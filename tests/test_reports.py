@@ -265,3 +265,95 @@ def test_command_line_rejects_an_unknown_profile_before_running_anything(sandbox
         with pytest.raises(ValueError, match=r"Invalid profile: 'fast' \(expected one of \['auto', 'smoke', 'cpu'"):
             reports.main(argv)
     assert not (sandbox / "reports").exists()
+
+
+def _new_claim(name, verdict, accounting=False, reason="", **kw):
+    """A verdict record as lrkit.claims.to_records writes it now (issue 19's fields)."""
+    return {**_claim(name, verdict, 1.0, 0.9, 1.1), "accounting": accounting, "reason": reason, "failed": 0,
+            "runs": 6, "direction": "", "flags": [], "paper_source": "Table 2 (60M)", "margin_reason": "", **kw}
+
+
+def test_tally_counts_empirical_claims_only_with_the_reasons_and_accounting_apart():
+    claims = [_new_claim("a", "holds"), _new_claim("b", "contradicted"),
+              _new_claim("c", "unresolved at this scale", reason="too few seeds for this effect: about 7 seeds"),
+              _new_claim("d", "unresolved at this scale", reason="too few seeds for this effect: about 9 seeds"),
+              _new_claim("e", "unresolved at this scale", reason="2 of 6 runs failed"),
+              _new_claim("f", "unresolved at this scale", reason="no effect at this scale: the estimate sits at"),
+              _new_claim("bytes1", "holds", accounting=True), _new_claim("bytes2", "holds", accounting=True)]
+    assert reports.tally(claims) == ("empirical claims: 1 contradicted, 1 holds, 4 unresolved at this scale "
+                                     "(reasons: 2 too few seeds, 1 runs failed, 1 no effect at this scale); "
+                                     "accounting: 2 checks, all hold")
+    claims[-1]["verdict"] = "contradicted"
+    assert reports.tally(claims).endswith("accounting: 2 checks, 1 contradicted, 1 holds")
+    # a record made before the new fields: empirical, its unresolved reason not recorded
+    old = _claim("old", "unresolved at this scale", 1.0, 0.9, 1.1)
+    assert reports.tally([old]) == "empirical claims: 1 unresolved at this scale (reasons: 1 reason not recorded)"
+
+
+def test_readme_and_index_show_accounting_apart_and_each_verdicts_reason_direction_failures_flags(sandbox,
+                                                                                                 monkeypatch):
+    from lrkit import bench
+
+    monkeypatch.setattr(bench, "REPORTS_DIR", sandbox / "reports")
+    claims = [_new_claim("galore-vs-adamw", "holds", direction="galore better than adamw",
+                         flags=["adamw: lr 0.003 at the edge of its grid"]),
+              _new_claim("ft-tie", "unresolved at this scale", reason="2 of 6 runs failed", failed=2),
+              _new_claim("state-bytes", "holds", accounting=True),
+              _claim("old-record", "holds", 1.0, 0.9, 1.1)]  # no new fields: still renders
+    _record(records.report_dir("galore/main", "cpu"), "galore", 2.5, claims, [])
+    text = reports.build_readme("cpu").read_text()
+    lines = text.splitlines()
+    assert ("Verdicts: empirical claims: 2 holds, 1 unresolved at this scale (reasons: 1 runs failed); "
+            "accounting: 1 check, all hold.") in lines
+    empirical = lines[lines.index("### Empirical claims"):lines.index(f"### {reports.ACCOUNTING_TITLE}")]
+    accounting = lines[lines.index(f"### {reports.ACCOUNTING_TITLE}"):lines.index("## galore/main")]
+    assert any("galore-vs-adamw" in r for r in empirical) and not any("state-bytes" in r for r in empirical)
+    assert any("state-bytes" in r for r in accounting) and not any("galore-vs-adamw" in r for r in accounting)
+    row = next(r for r in empirical if "galore-vs-adamw" in r)
+    assert "galore better than adamw" in row and "adamw: lr 0.003 at the edge of its grid" in row
+    assert "1 (Table 2 (60M))" in row  # the paper's value with its source
+    failed = next(r for r in empirical if "ft-tie" in r)
+    assert "| 2 of 6 |" in failed and "2 of 6 runs failed" in failed
+    section = "\n".join(lines[lines.index("## galore/main"):])
+    assert f"**{reports.ACCOUNTING_TITLE}**" in section and "old-record" in section
+    index = reports.build_index("cpu").read_text()
+    assert "empirical claims: 2 holds, 1 unresolved at this scale (reasons: 1 runs failed); accounting: 1 check" \
+        in index
+    assert f"<h4>{reports.ACCOUNTING_TITLE}</h4>" in index
+    card = index[index.index('id="galore-main"'):]
+    assert card.index("galore-vs-adamw") < card.index(reports.ACCOUNTING_TITLE) < card.index("state-bytes")
+    assert "2 of 6 runs failed" in card and "adamw: lr 0.003 at the edge of its grid" in card
+
+
+def test_check_compares_boolean_flags_and_claim_verdicts(tmp_path, monkeypatch, capsys, sigterm_kept):
+    from lrkit._lock import lock_digest
+
+    final = {"val_loss": 3.25, "diverged": False, "unstable": False}
+    claims = [{"claim": "galore-vs-adamw", "verdict": "holds"}, {"claim": "tie", "verdict": "unresolved at this scale"}]
+    path = _reference_repo(tmp_path, final)
+    doc = {"runs": {"a | seed 0": {"final": final, "lock_sha256": lock_digest()}}, "summary": {"claims": claims}}
+    path.write_text(json.dumps(doc))
+    import subprocess
+
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "claims"], cwd=tmp_path,
+                   check=True)
+    monkeypatch.setattr(reports, "REPO_ROOT", tmp_path)
+
+    def fresh(final=final, claims=claims):
+        path.write_text(json.dumps({"runs": {"a | seed 0": {"final": final}}, "summary": {"claims": claims}}))
+
+    fresh()
+    assert reports.main(["check"]) == 0
+    assert "OK: 3/3 computed metrics" in capsys.readouterr().out
+    fresh(final={**final, "diverged": True})  # the same loss, but the run now diverged
+    assert reports.main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert [line.split()[5] for line in out.splitlines() if line.endswith("<-- differs")] == ["diverged"], out
+    fresh(claims=[claims[0] | {"verdict": "contradicted"}, claims[1]])  # same numbers, another verdict
+    assert reports.main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert "galore-vs-adamw" in next(line for line in out.splitlines() if line.endswith("<-- differs"))
+    assert "1/2 claim verdicts unchanged" in out
+    fresh(claims=claims[:1])  # a claim missing from the fresh results
+    assert reports.main(["check"]) == 1
+    assert "missing" in capsys.readouterr().out
