@@ -447,7 +447,14 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", nargs="+", help="LLaMA sizes (default: micro 20m 60m on CPU, 60m..1b on CUDA)")
     ap.add_argument("--repeats", type=int)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = ap.parse_args(argv)
+    from lrkit.cli import run_cli
+
+    return run_cli(lambda: _main(args), debug=args.debug, prog=ap.prog)
+
+
+def _main(args) -> int:
     device = resolve_device(args.device)
     cfg = dict(QUICK if args.quick else FULL)
     cfg["sizes"] = tuple(args.sizes or cfg.get("sizes") or SIZES[device.type])

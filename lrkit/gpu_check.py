@@ -103,7 +103,16 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="toy sizes on any device; record to a temp dir")
     ap.add_argument("--out", help="record directory (default reports/gpu-check, or a temp dir with --dry-run)")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = ap.parse_args(argv)
+    from lrkit.cli import run_cli
+
+    return run_cli(lambda: _main(args), debug=args.debug, prog=ap.prog)
+
+
+def _main(args) -> int:
+    from lrkit.bench import bench_one
+
     device = resolve_device("auto")
     if device.type != "cuda" and not args.dry_run:
         print("gpu-check needs a CUDA device; on this machine run it with --dry-run", file=sys.stderr)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import html
+import math
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from pathlib import Path
 import yaml
 
 from lrkit import records
+from lrkit.cli import yaml_value
 from lrkit.utils import REPO_ROOT, REPORTS_DIR, atomic_write_bytes, device_info, resolve_device
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -80,7 +82,7 @@ def notebook_parameters(nb: Path, profile: str) -> dict:
         if not path.exists():
             raise FileNotFoundError(f"Missing config: {path} ({key} at profile {profile!r} layers "
                                     f"{', '.join(f'configs/{x}/{key}.yaml' for x in layers)}; write the missing file)")
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml_value(path.read_text()) or {}
         if not isinstance(values, dict):
             raise ValueError(f"Invalid config: {path} holds a {type(values).__name__} (expected a mapping "
                              "of notebook parameters to values)")
@@ -107,7 +109,8 @@ def _kind(value) -> str | None:
 def _check_type(name: str, value, default_src: str, path: Path) -> None:
     """A YAML value must have the kind of the notebook's default (an int where a float is expected is fine;
     a list's items are checked against a non-empty default list's items): `steps: "ten"` or `seeds: 3` is an
-    error naming the key and the expected kind, not a failure deep inside a cell."""
+    error naming the key and the expected kind, not a failure deep inside a cell. Numbers are checked against
+    the default's range too (:func:`_check_range`): `lr: .nan`, `steps: -5` and `seeds: []` are errors."""
     import ast
 
     try:
@@ -126,6 +129,31 @@ def _check_type(name: str, value, default_src: str, path: Path) -> None:
         want = _kind(default) + (f" of {_kind(default[0])}" if isinstance(default, list) and default else "")
         raise ValueError(f"Invalid value for {name!r} in {path}: {value!r} (expected {'an' if want[0] in 'aeiou' else 'a'} {want}, like the notebook's "
                          f"default {default_src})")
+    why = _check_range(value, default)
+    if why:
+        raise ValueError(f"Invalid value for {name!r} in {path}: {value!r} ({why}; the notebook's default is "
+                         f"{default_src})")
+
+
+def _check_range(value, default) -> str:
+    """Why ``value`` is out of the range its default implies ("" if fine): numbers finite; a non-negative
+    default's value not negative, a positive int default's value at least 1; a non-empty default list's value
+    not empty, and each item checked against the first default item."""
+    if isinstance(value, bool) or isinstance(default, bool):
+        return ""
+    if isinstance(value, (int, float)) and isinstance(default, (int, float)):
+        if not math.isfinite(value):
+            return "expected a finite number"
+        if default >= 0 and value < 0:
+            return "expected a number >= 0"
+        if isinstance(default, int) and default > 0 and value < 1:
+            return "expected a positive int"
+        return ""
+    if isinstance(value, list) and isinstance(default, list) and default:
+        if not value:
+            return "expected a non-empty list"
+        return next((f"item {v!r}: {w}" for v in value if (w := _check_range(v, default[0]))), "")
+    return ""
 
 
 # ------------------------------------------------------------------------------------ stale results
@@ -648,23 +676,31 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lrkit.reports", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="execute notebooks with papermill and export them")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    r = sub.add_parser("run", help="execute notebooks with papermill and export them", parents=[common])
     r.add_argument("notebooks", nargs="+")
     r.add_argument("--profile", default="auto")
     r.add_argument("--if-stale", action="store_true",
                    help="skip notebooks whose results exist and whose inputs have not changed since their run")
-    i = sub.add_parser("index", help="write reports/index.html")
+    i = sub.add_parser("index", help="write reports/index.html", parents=[common])
     i.add_argument("--profile", default="auto")
-    sub.add_parser("readme", help="write reports/README.md from the cpu results")
-    sc = sub.add_parser("seed-check", help="rerun a notebook with other seeds, compare its verdicts")
+    sub.add_parser("readme", help="write reports/README.md from the cpu results", parents=[common])
+    sc = sub.add_parser("seed-check", help="rerun a notebook with other seeds, compare its verdicts", parents=[common])
     sc.add_argument("notebook")
     sc.add_argument("--seeds", required=True, help="comma-separated, e.g. 5,6,7,8,9")
     sc.add_argument("--profile", default="cpu")
-    c = sub.add_parser("check", help="diff fresh results against the committed reference")
+    c = sub.add_parser("check", help="diff fresh results against the committed reference", parents=[common])
     c.add_argument("--profile", default="cpu")
     c.add_argument("--rtol", type=float, default=CHECK_RTOL, help="for computed metrics (default %(default)s)")
     c.add_argument("--ref", default="HEAD")
     args = ap.parse_args(argv)
+    from lrkit.cli import run_cli
+
+    return run_cli(lambda: _command(args), debug=args.debug, prog=ap.prog)
+
+
+def _command(args) -> int:
     # `kill` or a CI timeout: unwind through the cleanup that removes the staging directory.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.cmd == "run":
@@ -682,7 +718,11 @@ def main(argv=None) -> int:
     elif args.cmd == "readme":
         build_readme("cpu")
     elif args.cmd == "seed-check":
-        seed_check(args.notebook, [int(x) for x in args.seeds.split(",")], args.profile)
+        try:
+            seeds = [int(x) for x in args.seeds.split(",")]
+        except ValueError:
+            raise ValueError(f"Invalid --seeds: {args.seeds!r} (expected comma-separated ints, e.g. 5,6,7)") from None
+        seed_check(args.notebook, seeds, args.profile)
     elif args.cmd == "check":
         return 0 if check_reports(args.profile, args.rtol, args.ref) else 1
     return 0

@@ -467,33 +467,12 @@ RECIPE_KEYS = {"name": str, "method": str, "model_size": str, "corpus": str, "co
                "method_options": dict, "train": dict, "out": str, "checkpoint_every": int}
 
 
-def _number_loader():
-    """PyYAML's SafeLoader, plus YAML 1.2's floats without a dot (``1e-3``, ``3E5``), which YAML 1.1 reads
-    as strings; quoted scalars stay strings."""
-    import re
-
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                                 re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                                 list("-+0123456789"))
-    return Loader
-
-
-def yaml_value(text: str):
-    """A YAML document or scalar read the way a user means numbers: ``1e-3`` is 0.001 (PyYAML alone reads it
-    as the string '1e-3'); ``'1e-3'`` in quotes stays a string."""
-    import yaml
-
-    return yaml.load(text, Loader=_number_loader())
-
-
 def load_recipe(path, overrides=()) -> dict:
     """A recipe YAML (keys :data:`RECIPE_KEYS`) with ``overrides`` ("train.steps=20", values in YAML; numbers
-    such as ``1e-3`` read as numbers, :func:`yaml_value`)."""
+    such as ``1e-3`` read as numbers, ``lrkit.cli.yaml_value``)."""
     import yaml
+
+    from lrkit.cli import yaml_value
 
     path = Path(path)
     if not path.is_file():

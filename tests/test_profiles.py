@@ -134,7 +134,7 @@ def test_galore_paper_profile_runs_on_c4(offline):
     p = _paper("galore/galore.ipynb", tiny, tasks=[], other_seeds=[0])
     runs = suite.run_galore(None, profile="paper", **p)
     rs = _c4_runs(runs)
-    assert set(runs.arms) == {"full-rank", "galore", suite.CONTROL, "lora", "low-rank"}
+    assert set(runs.arms) == {"full-rank", "galore", suite.REFERENCE, "lora", "low-rank"}
     assert {r.config["vocab_size"] for r in rs} == {300} and rs[0].config["model_size"] == "nano"
 
 

@@ -357,3 +357,54 @@ def test_check_compares_boolean_flags_and_claim_verdicts(tmp_path, monkeypatch, 
     fresh(claims=claims[:1])  # a claim missing from the fresh results
     assert reports.main(["check"]) == 1
     assert "missing" in capsys.readouterr().out
+
+
+# ---- issue 22: notebook YAML values out of their default's range, and the command line's errors
+@pytest.mark.parametrize("body,match", [
+    ("steps: -5\n", "Invalid value for 'steps' .*-5 \\(expected a number >= 0"),
+    ("steps: 0\n", "Invalid value for 'steps' .*0 \\(expected a positive int"),
+    ("seeds: []\n", "Invalid value for 'seeds' .*\\[\\] \\(expected a non-empty list"),
+    ("seeds: [0, -1]\n", "Invalid value for 'seeds' .*item -1: expected a number >= 0"),
+    ("lr: .nan\n", "Invalid value for 'lr' .*nan \\(expected a finite number"),
+    ("lr: .inf\n", "Invalid value for 'lr' .*inf \\(expected a finite number"),
+])
+def test_notebook_yaml_values_outside_their_defaults_range_are_errors(body, match, tmp_path):
+    from unittest import mock
+
+    from tests.helpers import tiny_notebook
+
+    nb = tiny_notebook(tmp_path, {"cpu": body})
+    with mock.patch.object(reports, "NOTEBOOKS_DIR", tmp_path / "notebooks"), \
+            mock.patch.object(reports, "CONFIGS_DIR", tmp_path / "configs"):
+        with pytest.raises(ValueError, match=match):
+            reports.notebook_parameters(nb, "cpu")
+
+
+def test_notebook_yaml_reads_numbers_as_a_user_means_them(tmp_path):
+    from unittest import mock
+
+    from tests.helpers import tiny_notebook
+
+    nb = tiny_notebook(tmp_path, {"cpu": "lr: 1e-3\nsteps: 3\n"})
+    with mock.patch.object(reports, "NOTEBOOKS_DIR", tmp_path / "notebooks"), \
+            mock.patch.object(reports, "CONFIGS_DIR", tmp_path / "configs"):
+        assert reports.notebook_parameters(nb, "cpu") == {"lr": 0.001, "steps": 3}
+
+
+@pytest.mark.parametrize("module,args,message", [
+    ("lrkit.reports", ["check", "--profile", "nope"], "error: Invalid profile: 'nope'"),
+    ("lrkit.reports", ["seed-check", "x", "--seeds", "a,b"], "error: Invalid --seeds: 'a,b'"),
+    ("lrkit.bench", ["--sizes", "xx"], "error: Invalid size: 'xx'"),
+])
+def test_cli_errors_are_one_line_with_exit_status_2(module, args, message):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    res = subprocess.run([sys.executable, "-m", module, *args, "--debug"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 1 and "Traceback" in res.stderr
