@@ -1,4 +1,4 @@
-"""Numbers the ablations read off run histories: loss spikes, jumps at subspace switches, steps to a
+"""Numbers the ablations read off run histories: loss spikes and rises, jumps at subspace switches, steps to a
 target. Pure functions of a RunResult's history, so they are tested on hand-made histories."""
 from __future__ import annotations
 
@@ -83,3 +83,35 @@ def mean_over_run(result, metric: str = "val_loss", x: str = "tokens") -> float 
     if len(xs) < 2:
         return None
     return float(np.sum((ys[1:] + ys[:-1]) / 2 * np.diff(xs)) / (xs[-1] - xs[0]))
+
+
+# --- read-outs that can move (issue 19, item 7) ---------------------------------------------------------
+def rise_share(result, k: float = 3.0, window: int = 10) -> float | None:
+    """Share of the logged train-loss changes that are rises larger than ``k`` times the median absolute
+    change of the ``window`` changes before them: how often the loss jumps *up* by more than its own recent
+    noise (an unstable run jumps up often; a smooth descent, however slow, rarely). Scale-free: a curve
+    multiplied by a constant, or shifted, has the same share. None with ``window`` or fewer changes."""
+    if not (isinstance(window, int) and window >= 1 and k > 0):
+        raise ValueError(f"Invalid rise_share arguments: k={k!r}, window={window!r} (expected k > 0, window >= 1)")
+    _, loss = train_curve(result)
+    d = np.diff(loss)
+    if len(d) <= window:
+        return None
+    rises = [d[i] > k * np.median(np.abs(d[i - window:i])) for i in range(window, len(d))]
+    return float(np.mean(rises))
+
+
+def half_run_target(results, metric: str = "val_loss") -> float:
+    """A target every run reaches by half of its own run: the largest, over ``results``, of each run's best
+    ``metric`` among the evaluations at or before half its last logged tokens (the first evaluation when none
+    is that early). Unlike :func:`reachable_target` (the worst run's best,
+    reached by that run only at its end) no run's :func:`to_target` is then capped at the run's length."""
+    best = []
+    for r in results:
+        xs, ys = curve(r, metric)
+        if len(xs):
+            early = xs <= xs[-1] / 2
+            best.append(ys[early].min() if early.any() else ys[0])
+    if not best:
+        raise ValueError(f"no run logged {metric!r}")
+    return float(max(best))

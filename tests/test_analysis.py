@@ -27,3 +27,37 @@ def test_steps_to_target_and_diverged_rows():
     assert steps_to(r, 2.0) == 20 and steps_to(r, 0.5) is None
     r.history.append({"step": 40, "train_loss": None})
     assert len(train_curve(r)[1]) == 3
+
+
+def test_rise_share_counts_rises_beyond_the_recent_noise_only():
+    from lrkit.analysis import rise_share
+
+    smooth = [10 - 0.1 * i for i in range(30)]  # steady descent: never a rise
+    assert rise_share(_run(smooth), k=3, window=5) == 0.0
+    # descent with small alternating noise (+-0.05 around the trend), then three rises of 1.0: 3 of the 24 changes
+    # judged (30 points, 29 changes, the first 5 only set the noise level) are rises far above the noise
+    noisy = [10 - 0.1 * i + (0.05 if i % 2 else -0.05) for i in range(30)]
+    for i in (12, 18, 24):
+        noisy[i] += 1.0
+    assert rise_share(_run(noisy), k=3, window=5) == 3 / 24
+    # drops as large as those rises, that stay down, are not counted (an abs() or sign bug would count them)
+    drops = [10 - 0.1 * i + (0.05 if i % 2 else -0.05) - 1.0 * sum(i >= j for j in (12, 18, 24)) for i in range(30)]
+    assert rise_share(_run(drops), k=3, window=5) == 0.0
+    # scale-free: the same curve in other units gives the same share
+    assert rise_share(_run([5 * v + 2 for v in noisy]), k=3, window=5) == 3 / 24
+    assert rise_share(_run(smooth[:5]), window=5) is None
+
+
+def test_half_run_target_is_reached_by_every_run_by_half_its_length():
+    from lrkit.analysis import half_run_target, reachable_target, to_target
+
+    def lm(vals):
+        r = _run(vals, every=10, val=vals)
+        r.config.update(batch_size=1, seq_len=1)
+        return r
+    fast, slow = lm([5.0, 3.0, 2.0, 1.9, 1.8, 1.7]), lm([6.0, 5.5, 5.0, 4.0, 3.0, 2.5])
+    target = half_run_target([fast, slow])
+    assert target == 5.0  # slow's best up to step 30 (half of its last step 60)
+    assert all(to_target(r, target) <= 30 for r in (fast, slow))
+    # the worst run's best (the older target) is reached by that run only at its end
+    assert to_target(slow, reachable_target([fast, slow])) == 60
