@@ -1,6 +1,6 @@
-"""The FeDLRT suite (lrkit/experiments/fedlrt.py): claims name arms the suites produce, the read-outs
-against independent computations, seed pairing, the best-learning-rate rule, the tuning record round
-trip, and each suite end to end at a tiny size."""
+"""The FeDLRT suite (lrkit/experiments/fedlrt.py): claims name arms the suites produce and use the kit's
+margins, the read-outs against independent computations, seed pairing, tuning apart from evaluation (disjoint
+index sets), the derived arms, the edge-of-grid flags, and each suite end to end at a tiny size."""
 import math
 
 import numpy as np
@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy import stats
 
-from lrkit import claims, records
-from lrkit.experiments import Runs, fedlrt, tuned
+from lrkit import claims, data, records
+from lrkit.experiments import TUNING_SEED, Runs, fedlrt, lr_grid, tuned
 from lrkit.records import RunResult
 
 torch.set_num_threads(1)
@@ -29,7 +29,7 @@ def test_claims_name_the_arms_their_suites_produce():
     main = set(fedlrt.ls_arms(1, 1e-3)) | set(fedlrt.vision_arms(8, 0.02, 32))
     assert {a for c in fedlrt.CLAIMS["fedlrt"] for a in c.arms} <= main
     assert {a for c in fedlrt.CLAIMS["ablation_dynamic_rank"] for a in c.arms} == {
-        "dynamic rank", "fixed rank", "frozen basis", "fixed at settled rank"}
+        "dynamic rank", "frozen basis", "fixed at initial rank", "fixed at settled rank"}
     assert set(fedlrt.INITIAL_RANK_ENDS) == {"r0=2", "r0=16"}
     derived = {f"{m} ({k})" for m in fedlrt.HETEROGENEITY_METHODS for k in ("skewed", "mild")}
     derived |= {f"LS {vc} (most heterogeneous stable)" for vc in ("none", "full")}
@@ -37,19 +37,30 @@ def test_claims_name_the_arms_their_suites_produce():
     assert fedlrt.CLAIMS["tuning"] == []
     ids = [c.id for cl in fedlrt.CLAIMS.values() for c in cl]
     assert len(ids) == len(set(ids))
+    # the dynamic-rank arm is fedlrt.ipynb's FeDLRT: it may share its tuned rate
+    assert fedlrt.rank_arms(8, 0.02, 32, [8])["dynamic rank"] == fedlrt.vision_arms(8, 0.02, 32)["FeDLRT"]
 
 
-def test_vision_claims_read_the_paper_margins():
-    by_id = {c.id: c for c in fedlrt.CLAIMS["fedlrt"]}
-    assert by_id["vision-accuracy"].bound == -fedlrt.ACCURACY_MARGIN == -0.02
-    assert by_id["vision-communication"].quantity == "ratio" and by_id["vision-communication"].bound == 5.0
-    # a 2.5-point gap on every seed contradicts "within 2 points"; 1 point holds
-    v = claims.evaluate(by_id["vision-accuracy"], {"FeDLRT": {0: 0.775, 1: 0.776, 2: 0.774},
-                                                  "FedAvg": {0: 0.80, 1: 0.80, 2: 0.80}})
-    assert v.verdict == claims.CONTRADICTED
-    v = claims.evaluate(by_id["vision-accuracy"], {"FeDLRT": {0: 0.79, 1: 0.791, 2: 0.789},
-                                                  "FedAvg": {0: 0.80, 1: 0.80, 2: 0.80}})
-    assert v.verdict == claims.HOLDS
+def test_claims_directions_margins_and_accounting():
+    every = [c for cl in fedlrt.CLAIMS.values() for c in cl]
+    for c in every:
+        if c.metric.startswith("accuracy"):
+            assert c.lower_is_better is False, c.id
+        if c.op == "between" or (c.op == ">" and c.bound < 0):  # equivalence or non-inferiority
+            assert c.margin_reason, c.id
+        if c.metric.startswith("accuracy") and (c.op == "between" or c.bound < 0):
+            assert abs(c.bound) == claims.MARGINS["accuracy"][0] and c.margin_reason == claims.MARGINS["accuracy"][1]
+    assert {c.id for c in every if c.accounting} == {"vision-communication", "vision-client-compute"}
+    assert all(c.paper == 10.0 and c.paper_source for c in every if c.accounting)
+
+
+def test_vision_accuracy_is_an_equivalence():
+    c = {c.id: c for c in fedlrt.CLAIMS["fedlrt"]}["vision-accuracy"]
+    fedavg = {0: 0.80, 1: 0.80, 2: 0.80}
+    below = claims.evaluate(c, {"FeDLRT": {0: 0.775, 1: 0.776, 2: 0.774}, "FedAvg": fedavg})
+    near = claims.evaluate(c, {"FeDLRT": {0: 0.79, 1: 0.791, 2: 0.789}, "FedAvg": fedavg})
+    above = claims.evaluate(c, {"FeDLRT": {0: 0.83, 1: 0.831, 2: 0.829}, "FedAvg": fedavg})  # 3 points better
+    assert (below.verdict, near.verdict, above.verdict) == (claims.CONTRADICTED, claims.HOLDS, claims.CONTRADICTED)
 
 
 # ---------------------------------------------------------------------------------------- one run
@@ -57,29 +68,52 @@ def test_vision_claims_read_the_paper_margins():
 def test_vision_run_read_outs_pairing_and_determinism():
     fn = fedlrt.Vision(**TINY)
     a = fn("a", seed=0, method="fedavg", lr=0.1)
-    b = fn("b", seed=0, **fedlrt.vision_arms(4, 0.1, 8)["FeDLRT"], lr=0.1)
+    b = fn("b", seed=0, **fedlrt.vision_arms(4, 0.1, 8)["FeDLRT"], lr=0.1, lr_from="vision/FeDLRT")
     again = fedlrt.Vision(**TINY)("a", seed=0, method="fedavg", lr=0.1)
     assert [h["test_accuracy"] for h in again.history] == [h["test_accuracy"] for h in a.history]
     acc = [h["test_accuracy"] for h in a.history]
     assert a.final["accuracy_tail"] == pytest.approx(np.mean(acc[-2:]), abs=1e-12)
+    assert a.final["accuracy_auc"] == pytest.approx(np.mean(acc[1:]), abs=1e-12)  # every round after round 0
     assert a.final["mean_rank"] is None and b.final["mean_rank"] == np.mean(list(b.final["ranks"].values()))
     assert b.config["exclude"] == ["2"] and b.config["initial_rank"] == 4
+    assert b.config["lr_from"] == "vision/FeDLRT" and a.config["lr_from"] is None
+    # memory: FedAvg holds the MLP's weights; FeDLRT the augmented factors of layer 0, the dense rest and the
+    # full correction's control variate over what it trains
+    P = 784 * 16 + 16 + 16 * 10 + 10
+    assert a.final["client_state_floats"] == P
+    r = b.final["ranks"]["0"]
+    k, dense = min(2 * r, 16), 16 + 16 * 10 + 10
+    assert b.final["client_state_floats"] == (16 + 784) * k + k * k + dense + (k * k + dense)
+    lin = fn("c", seed=0, method="fedlin", lr=0.1)
+    assert lin.final["client_state_floats"] == 2 * P
     # paired: both arms trained on the same clients (the seed's subsample and partition)
     assert fn.clients(0, 0.5) is fn._clients[(0, 0.5)] and len(fn._clients) == 1
-    other = fn("c", seed=1, method="fedavg", lr=0.1)
+    other = fn("d", seed=1, method="fedavg", lr=0.1)
     assert [h["test_accuracy"] for h in other.history] != acc
-    # the validation split is held out of the training subsample, not the test set
-    val = fedlrt.Vision(validation=True, **TINY)
-    X, _, (Xv, _) = val.images(0)
-    assert len(X) == 120 and len(Xv) == 60
-    assert not (torch.cdist(Xv.reshape(60, -1), X.reshape(120, -1)).min(1).values == 0).any()
+
+
+def test_tuning_reads_a_split_disjoint_from_the_claims():
+    """Tuning scores on images of the training split held out of the training subsample; the claims score on
+    the test split. The index sets do not overlap, and they are the images the runs actually use."""
+    d = data.load("fashion_mnist")
+    val, claim = fedlrt.Vision(validation=True, **TINY), fedlrt.Vision(**TINY)
+    vi, ci = val.split_indices(TUNING_SEED), claim.split_indices(0)
+    assert vi["held"][0] == "train" and ci["held"][0] == "test"
+    assert not set(vi["held"][1]) & set(vi["train"])  # validation images are not trained on
+    tuning_images = {("train", int(i)) for i in vi["held"][1]}
+    claims_images = {(ci["held"][0], int(i)) for i in ci["held"][1]}
+    assert len(tuning_images) == 60 and len(claims_images) == 60 and not tuning_images & claims_images
+    for fn, idx, seed in ((val, vi, TUNING_SEED), (claim, ci, 0)):
+        X, _, (Xh, yh) = fn.images(seed)
+        split = {"train": (d["x_train"], d["y_train"]), "test": (d["x_test"], d["y_test"])}[idx["held"][0]]
+        assert torch.equal(X, torch.tensor(d["x_train"][idx["train"]] / 255.0, dtype=torch.float32).reshape(120, -1))
+        assert torch.equal(Xh, torch.tensor(split[0][idx["held"][1]] / 255.0, dtype=torch.float32).reshape(60, -1))
+        assert torch.equal(yh, torch.tensor(split[1][idx["held"][1]]))
 
 
 def test_least_squares_run_read_outs():
     fn = fedlrt.LeastSquares(**LS_TINY)
     r = fn("x", seed=0, **fedlrt.ls_arms(1, 1e-3)["LS FeDLRT full"])
-    from lrkit import data
-
     P = data.load("least_squares", n=6, rank=2, num_clients=3, samples_per_client=8, heterogeneity=0.5, noise=1.0,
                   seed=0, low_rank_noise=True)
     floor = P["loss_ls"]
@@ -93,29 +127,66 @@ def test_least_squares_run_read_outs():
     assert het.config["heterogeneity"] == 0.0 and het.config["num_clients"] == 2
 
 
-# ---------------------------------------------------------------------------------------- derived arms and notes
+# ---------------------------------------------------------------------------------------- derived arms and flags
 
-def test_best_lr_rule_and_stable_least_squares_cell():
+def test_heterogeneity_claim_runs_pick_the_stable_cell_on_the_tuning_seed():
     runs = Runs()
-    accs = {("FedAvg", 0.1): [0.70, 0.72], ("FedAvg", 0.3): [0.75, None], ("FedLin", 0.1): [0.60, 0.62],
-            ("FedLin", 0.3): [0.65, 0.66]}
-    for (m, lr), vals in accs.items():
-        for s, v in enumerate(vals):
-            arm = f"alpha=0.1 {m} lr={lr:.3g}"
-            runs[(arm, s)] = _fake(arm, s, accuracy_tail=v, diverged=v is None, config={"lr": lr})
-    for h, div in ((0.5, False), (1.5, True)):
-        for vc in ("none", "full"):
+    for m in fedlrt.HETEROGENEITY_METHODS:
+        for a in (0.1, 1.0):
             for s in (0, 1):
-                arm = f"LS het={h:g} C=4 {vc}"
-                runs[(arm, s)] = _fake(arm, s, excess_loss=0.1 if vc == "none" else 0.01,
-                                       diverged=div and vc == "full",
+                arm = f"alpha={a:g} {m}"
+                runs[(arm, s)] = _fake(arm, s, accuracy_tail=0.7, config={"lr": 0.1, "lr_from": f"g/{m}"})
+    # on the claims' seeds het=1.5 diverges (it must not move the choice); on the tuning seed het=3 does
+    for h, bad in ((0.5, set()), (1.5, {0, 1}), (3.0, {TUNING_SEED})):
+        for vc in ("none", "full"):
+            for s in (0, 1, TUNING_SEED):
+                arm = ("select " if s == TUNING_SEED else "") + f"LS het={h:g} C=4 {vc}"
+                runs[(arm, s)] = _fake(arm, s, excess_loss=None if s in bad else 0.1, diverged=s in bad,
                                        config={"heterogeneity": h, "num_clients": 4, "variance_correction": vc})
-    best, table = fedlrt.best_lr(runs, [0.1], {"num_clients": 4})
-    # FedAvg at 0.3 has a diverged seed: never chosen, even with the higher finite value
-    assert best[("FedAvg (skewed)", 0)].config["lr"] == 0.1 and best[("FedLin (skewed)", 1)].config["lr"] == 0.3
-    assert best[("FedAvg (mild)", 0)] is best[("FedAvg (skewed)", 0)]  # one alpha: skewed = mild
-    assert best[("LS full (most heterogeneous stable)", 0)].config["heterogeneity"] == 0.5
-    assert table.set_index("derived arm").loc["FedLin (skewed)", "at grid edge"]
+    best, table = fedlrt.heterogeneity_claim_runs(runs, [0.1, 1.0], {"num_clients": 4, "lr": 0.06})
+    assert best[("FedLin (skewed)", 1)] is runs[("alpha=0.1 FedLin", 1)]
+    assert best[("FeDLRT full (mild)", 0)] is runs[("alpha=1 FeDLRT full", 0)]
+    assert best[("LS full (most heterogeneous stable)", 0)].config["heterogeneity"] == 1.5
+    assert TUNING_SEED not in best.seeds  # the claims read the claims' seeds only
+    # the diverged claim runs are kept (the claims rule counts them), not dropped
+    v = claims.evaluate(fedlrt.CLAIMS_HETEROGENEITY[-1], best.measure("excess_loss"))
+    assert v.n == 2 and v.failed == 4
+
+
+def test_rank_claim_runs_name_the_initial_and_the_settled_rank():
+    runs = Runs()
+    for s, settled in ((0, 11.0), (1, 12.0), (2, 14.0)):
+        runs[("dynamic rank", s)] = _fake("dynamic rank", s, mean_rank=settled)
+        for r in (2, 4, 8, 16):
+            runs[(f"fixed r={r}", s)] = _fake(f"fixed r={r}", s, mean_rank=float(r))
+    out, picked = fedlrt.rank_claim_runs(runs, 4)
+    assert picked == {"settled": 12.0, "nearest": 16}  # |log(16/12)| < |log(8/12)|
+    assert out[("fixed at settled rank", 2)] is runs[("fixed r=16", 2)]
+    assert out[("fixed at initial rank", 0)] is runs[("fixed r=4", 0)]
+    with pytest.raises(ValueError, match="fixed_ranks"):
+        fedlrt.rank_arms(8, 0.02, 32, [2, 4])
+
+
+def test_flags_map_edge_rates_to_the_arms_that_read_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(records, "REPORTS_DIR", tmp_path)
+    out = records.report_dir("fedlrt/tuning", "cpu", root=tmp_path)
+    edge = {"lr": 0.6, "grid": [0.15, 0.3, 0.6], "scores": [0.5, 0.6, 0.7], "at_edge": True, "extended": [0.6],
+            "edge_reason": "diverges beyond", "runs": 3, "budget": "b"}
+    inner = edge | {"lr": 0.3, "at_edge": False, "edge_reason": ""}
+    records.save_summary(out, [], tuned={"vision": {"FeDLRT": edge, "FedAvg": inner},
+                                           "dynamic rank": {"fixed r=8": inner}})
+    runs = Runs()
+    for arm, src in (("dynamic rank", "vision/FeDLRT"), ("fixed r=8", "dynamic rank/fixed r=8"), ("hand", None),
+                     ("FedAvg", "vision/FedAvg")):
+        runs[(arm, 0)] = _fake(arm, 0, config={"lr_from": src})
+    runs[("alias", 0)] = runs[("dynamic rank", 0)]
+    f = fedlrt.flags("cpu", runs)
+    assert set(f) == {"dynamic rank", "alias"}
+    assert "upper edge" in f["dynamic rank"] and "diverges beyond" in f["alias"]
+    v = claims.evaluate_all([fedlrt.CLAIMS_DYNAMIC_RANK[1]], lambda m: {"dynamic rank": {0: 0.7, 1: 0.8},
+                                                                       "fixed at initial rank": {0: 0.6, 1: 0.7}},
+                            flags=f)
+    assert v[0].flags and "dynamic rank" in v[0].flags[0]
 
 
 def test_paired_note_is_the_t_interval_of_the_paired_differences():
@@ -132,48 +203,65 @@ def test_paired_note_is_the_t_interval_of_the_paired_differences():
 
 # ---------------------------------------------------------------------------------------- suites end to end
 
-def test_tuning_record_round_trip(tmp_path, monkeypatch):
+def test_tuning_then_every_suite_reads_its_rates(tmp_path, monkeypatch):
     monkeypatch.setattr(records, "REPORTS_DIR", tmp_path)
     out = records.report_dir("fedlrt/tuning", "cpu", root=tmp_path)
-    chosen = fedlrt.tuning(out, center=0.1, points=2, factor=2.0, initial_rank=2, tau=0.1, r_max=4,
-                           **{k: v for k, v in TINY.items()})
-    assert set(chosen[fedlrt.TUNING_GROUP]) == {"FedAvg", "FedLin", "FeDLRT"}
-    assert all(c["grid"] == pytest.approx([0.1 / math.sqrt(2), 0.1 * math.sqrt(2)]) for c in chosen["vision"].values())
+    chosen = fedlrt.tuning(out, center=0.1, points=2, factor=2.0, initial_rank=2, tau=0.1, r_max=4, fixed_ranks=[2],
+                           het_alphas=[0.1], het_train_size=90, het_rounds=2, **TINY)
+    assert list(chosen) == ["vision", "dynamic rank", "heterogeneity alpha=0.1"]
+    assert set(chosen["vision"]) == {"FedAvg", "FedLin", "FeDLRT"}
+    assert set(chosen["dynamic rank"]) == {"fixed r=2", "frozen basis"}
+    assert set(chosen["heterogeneity alpha=0.1"]) == set(fedlrt.HETEROGENEITY_METHODS)
+    for g in chosen.values():  # the same starting grid for every arm; more only where extended
+        for c in g.values():
+            assert set(lr_grid(0.1, 2, 2.0)) <= set(c["grid"])
+            assert c["runs"] == 2 + len(c["extended"]) and c["lr"] in c["grid"]
+    assert chosen["heterogeneity alpha=0.1"]["FedAvg"]["problem"] == {"train_size": 90, "rounds": 2, "alpha": 0.1}
     records.save_summary(out, fedlrt.sweep_table(chosen), tuned=chosen)
+    rec = records.load(out)["runs"].values()
+    assert all(r["config"]["validation"] and r["seed"] == TUNING_SEED for r in rec)  # never the test split
+    assert {r["config"]["alpha"] for r in rec if r["config"]["tuning"].startswith("heterogeneity")} == {0.1}
     lrs = tuned("fedlrt", "cpu", "vision")
     assert lrs == {m: c["lr"] for m, c in chosen["vision"].items()}
-    assert fedlrt.learning_rates("smoke", {"FedAvg": None, "FeDLRT": 0.5}) == {"FedAvg": lrs["FedAvg"], "FeDLRT": 0.5}
-    assert "2 learning rates x 1 seed (1000)" in fedlrt.budget("smoke", {"FedAvg": None})
-    assert all(r["config"]["validation"] for r in records.load(out)["runs"].values())
+    words = fedlrt.budget("smoke", ["vision"], {"train_size": 7})
+    assert "tuning runs FedAvg" in words and "train_size 120 (here 7)" in words
 
-
-def test_dynamic_rank_suite_arms(tmp_path):
-    runs = fedlrt.dynamic_rank(tmp_path, profile="cpu", seeds=[0], vision=TINY, lr=0.2, initial_rank=2, tau=0.05,
-                               r_max=6)
+    # ablation_dynamic_rank: every arm at its own tuned rate; read-outs that move across arms
+    runs = fedlrt.dynamic_rank(tmp_path / "d", profile="cpu", seeds=[0], vision=TINY, initial_rank=2, tau=0.05,
+                               r_max=6, fixed_ranks=[2])
     cfg = {a: runs[(a, 0)].config for a in runs.arms}
-    assert runs.arms == ["dynamic rank", "fixed rank", "frozen basis", "fixed at settled rank"]
-    assert cfg["fixed rank"]["r_min"] == cfg["fixed rank"]["r_max"] == 2
-    assert cfg["frozen basis"]["dynamic_rank"] is False
-    settled = round(runs[("dynamic rank", 0)].final["mean_rank"])
-    assert cfg["fixed at settled rank"]["initial_rank"] == cfg["fixed at settled rank"]["r_max"] == settled
-    assert {h["mean_rank"] for h in runs[("fixed rank", 0)].history} == {2.0}
-    verdicts = claims.evaluate_all(fedlrt.CLAIMS["ablation_dynamic_rank"], runs.measure)
+    assert runs.arms == ["dynamic rank", "fixed r=2", "frozen basis"]
+    assert cfg["dynamic rank"]["lr"] == lrs["FeDLRT"] and cfg["dynamic rank"]["lr_from"] == "vision/FeDLRT"
+    assert cfg["fixed r=2"]["lr"] == chosen["dynamic rank"]["fixed r=2"]["lr"]
+    assert cfg["fixed r=2"]["r_min"] == cfg["fixed r=2"]["r_max"] == 2 and cfg["frozen basis"]["dynamic_rank"] is False
+    assert {h["mean_rank"] for h in runs[("fixed r=2", 0)].history} == {2.0}
+    for m in fedlrt.VISION_METRICS:
+        vals = [runs[(a, 0)].final[m] for a in runs.arms]
+        assert len(set(vals)) > 1, m  # no read-out is constant across the arms
+    claim_runs, _ = fedlrt.rank_claim_runs(runs, 2)
+    verdicts = claims.evaluate_all(fedlrt.CLAIMS["ablation_dynamic_rank"], claim_runs.measure,
+                                   flags=fedlrt.flags("cpu", claim_runs))
     assert all(v.verdict == claims.UNRESOLVED and v.n == 1 for v in verdicts)  # one seed: never a verdict
 
-
-def test_heterogeneity_suite_grid_and_notes(tmp_path):
+    # heterogeneity: tuned rates per alpha, the stable-cell choice on the tuning seed
     ls = dict(LS_TINY, rounds=2)
-    runs = fedlrt.heterogeneity(tmp_path, profile="cpu", seeds=[0], ls=ls, ls_heterogeneities=[0.0], ls_clients=[],
-                                ls_tau=1e-3, corrections=["none", "full"], vision=dict(TINY, rounds=2), alphas=[0.1],
-                                lr_center=0.1, lr_points=2, lr_factor=3.0, lr=0.1, initial_rank=2, r_max=4,
-                                default_tau=0.05, taus=[0.3], client_fractions=[])
-    sweep = fedlrt.sweep_frame(runs)
-    assert len(sweep) == 8 and sorted(sweep.lr.unique()) == pytest.approx([0.1 / math.sqrt(3), 0.1 * math.sqrt(3)])
-    assert set(sweep.method) == set(fedlrt.HETEROGENEITY_METHODS)
-    assert {"tau=0.05 frac=1", "tau=0.3 frac=1", "LS het=0 C=3 none", "LS het=0 C=3 full"} <= set(runs.arms)
-    best, _ = fedlrt.best_lr(runs, [0.1], ls)
+    runs = fedlrt.heterogeneity(tmp_path / "h", profile="cpu", seeds=[0], ls=ls, ls_heterogeneities=[0.0],
+                                ls_clients=[], ls_tau=1e-3, corrections=["none", "full"], vision=dict(TINY, rounds=2),
+                                alphas=[0.1], initial_rank=2, r_max=4, default_tau=0.1, taus=[0.3],
+                                client_fractions=[])
+    het = tuned("fedlrt", "cpu", "heterogeneity alpha=0.1")
+    assert all(runs[(f"alpha=0.1 {m}", 0)].config["lr"] == lr for m, lr in het.items())
+    assert runs[("alpha=0.1 FedLin", 0)].config["lr_from"] == "heterogeneity alpha=0.1/FedLin"
+    assert {"tau=0.1 frac=1", "tau=0.3 frac=1", "LS het=0 C=3 none", "select LS het=0 C=3 full"} <= set(runs.arms)
+    assert runs[("select LS het=0 C=3 full", TUNING_SEED)].seed == TUNING_SEED
+    best, _ = fedlrt.heterogeneity_claim_runs(runs, [0.1], ls)
     verdicts = claims.evaluate_all(fedlrt.CLAIMS["heterogeneity"], best.measure)
     assert len(verdicts) == len(fedlrt.CLAIMS["heterogeneity"])
-    notes = fedlrt.heterogeneity_notes(runs, [0.1], 0.05)
-    assert any(n.startswith("alpha=0.1, lr=") for n in notes)
-    assert any("tau=0.3 frac=1 - tau=0.05 frac=1" in n for n in notes)
+    notes = fedlrt.heterogeneity_notes(runs, [0.1], 0.1)
+    assert any(n.startswith("alpha=0.1 FeDLRT full - alpha=0.1 FeDLRT none, accuracy_tail") for n in notes)
+    assert any("tau=0.3 frac=1 - tau=0.1 frac=1" in n for n in notes)
+
+    # initial rank: one rate (FeDLRT's) for every arm; the claims' ends must be run
+    with pytest.raises(ValueError, match="r0=16"):
+        fedlrt.initial_rank(tmp_path / "i", profile="cpu", seeds=[0], vision=TINY, initial_ranks=[2, 4], tau=0.1,
+                            r_max=4)
