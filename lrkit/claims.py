@@ -356,6 +356,17 @@ def _flags(claim: Claim, flags: dict | None) -> list:
     return out
 
 
+CONSTANT_READOUT = "read-out constant across every arm and seed of this notebook: it measures nothing here"
+
+
+def _constant(measurements: dict) -> list:
+    """[:data:`CONSTANT_READOUT`] when the metric takes one value on every run of two or more arms (a read-out
+    that cannot move, e.g. an instability count that is 0 everywhere), else []."""
+    vals = [float(x) for m in measurements.values() for x in (m.values() if isinstance(m, dict) else m)
+            if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)]
+    return [CONSTANT_READOUT] if len(measurements) >= 2 and len(vals) >= 2 and np.ptp(vals) == 0 else []
+
+
 def evaluate(claim: Claim, measurements: dict, flags: dict | None = None) -> Verdict:
     """The verdict on ``claim`` from ``measurements``: {arm: {seed: value}} (or {arm: [values]}, paired
     by position), every arm measured for the claim's metric (the failed-runs rule takes its worst value
@@ -374,7 +385,7 @@ def evaluate(claim: Claim, measurements: dict, flags: dict | None = None) -> Ver
     base = dict(claim=claim.id, statement=claim.statement, source=claim.source, target=claim.target,
                 paper=claim.paper, quantity=claim.quantity, op=claim.op, bound=claim.bound,
                 accounting=claim.accounting, margin_reason=claim.margin_reason, paper_source=claim.paper_source,
-                failed=len(failed), runs=runs, flags=_flags(claim, flags), n=n)
+                failed=len(failed), runs=runs, flags=_flags(claim, flags) + _constant(measurements), n=n)
     nan = float("nan")
 
     def unresolved(reason: str) -> Verdict:

@@ -277,3 +277,16 @@ def test_rows_and_records_carry_the_new_fields():
     assert rec["runs"] == 6 and rec["direction"] == "A better than B"
     s = sentence(v)
     assert "paper: 0.6 (Table 1, 60M)" in s and "[accounting" in s
+
+
+def test_a_read_out_constant_across_every_arm_is_flagged():
+    """An instability count that is 0 in every run measures nothing: the verdict says so in its flags."""
+    from lrkit.claims import CONSTANT_READOUT
+
+    c = Claim("c", "s", "src", "spikes", ("a", "b"), op="<", bound=1.0)
+    flat = {"a": {0: 0.0, 1: 0.0}, "b": {0: 0.0, 1: 0.0}, "c": {0: 0.0}}
+    assert evaluate(c, flat).flags == [CONSTANT_READOUT]
+    moving = {"a": {0: 0.0, 1: 0.0}, "b": {0: 0.0, 1: 0.0}, "c": {0: 2.0}}  # another arm moves: it can
+    assert evaluate(c, moving).flags == []
+    one_arm = Claim("v", "s", "src", "rank_error", ("a",), quantity="value", op="<", bound=1.0)
+    assert evaluate(one_arm, {"a": {0: 0.0, 1: 0.0, 2: 0.0}}).flags == []  # one arm's exact result is a result
