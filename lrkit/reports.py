@@ -137,8 +137,8 @@ def _check_type(name: str, value, default_src: str, path: Path) -> None:
 
 def _check_range(value, default) -> str:
     """Why ``value`` is out of the range its default implies ("" if fine): numbers finite; a non-negative
-    default's value not negative, a positive int default's value at least 1; a non-empty default list's value
-    not empty, and each item checked against the first default item."""
+    default's value not negative (0 can be meaningful, e.g. ft_train_size 0 = the whole split); a non-empty
+    default list's value not empty, and each item checked against the first default item."""
     if isinstance(value, bool) or isinstance(default, bool):
         return ""
     if isinstance(value, (int, float)) and isinstance(default, (int, float)):
@@ -146,8 +146,6 @@ def _check_range(value, default) -> str:
             return "expected a finite number"
         if default >= 0 and value < 0:
             return "expected a number >= 0"
-        if isinstance(default, int) and default > 0 and value < 1:
-            return "expected a positive int"
         return ""
     if isinstance(value, list) and isinstance(default, list) and default:
         if not value:

@@ -119,14 +119,17 @@ def eval_window_starts(n_ids: int, n: int, seq_len: int, split: str = "claims") 
     "claims": ``n`` evenly spaced windows of ``seq_len + 1`` tokens covering the whole stream (what every
     verdict reads). "tuning": as many windows, each starting halfway between two consecutive "claims"
     windows, so the two sets share no token: learning-rate sweeps select on data the claims never read.
-    Both sets are capped so that they fit side by side (at most ``(n_ids - 1) // (2 (seq_len + 1))``)."""
+    Both sets are capped so that they fit side by side (at most ``(n_ids - 1) // (2 (seq_len + 1))``); a stream
+    with room for one window only has that one "claims" window and no "tuning" windows (an error)."""
     if split not in EVAL_SPLITS:
         raise ValueError(f"Invalid eval split: {split!r} (expected one of {EVAL_SPLITS})")
     width = seq_len + 1
     n = min(n, (n_ids - 1) // (2 * width))
     if n < 1:
-        raise ValueError(f"validation stream of {n_ids} tokens is too short for two disjoint windows of "
-                         f"{width} tokens (seq_len {seq_len})")
+        if split == "claims" and n_ids >= width:  # a stream with room for one window only: no tuning windows
+            return np.zeros(1, dtype=np.int64)
+        raise ValueError(f"validation stream of {n_ids} tokens is too short for the {split!r} windows of {width} "
+                         f"tokens (seq_len {seq_len}): the tuning split needs two disjoint windows and a token")
     # the claims' windows: evenly spaced over the stream less one window for the tuning set's last one
     starts = np.linspace(0, n_ids - 2 * width, n).astype(np.int64) if n > 1 else np.zeros(1, dtype=np.int64)
     if split == "claims":
@@ -320,11 +323,17 @@ def train_lm(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     every rank evaluates the same held-out windows with the same weights, rank 0 writes the checkpoints,
     and a SIGTERM on any rank stops every rank at the same step.
     """
-    for split, ids in (("training", corpus.train), ("validation", corpus.val)):
-        if len(ids) < 2 * (cfg.seq_len + 1) + 1:
+    # windows of seq_len + 1 tokens: a random one for training needs one token more than a window; the claims'
+    # evaluation one window; the tuning split's windows sit between the claims' ones, so it needs two and a token
+    need = {"training": (corpus.train, 2, "a window and one more token"),
+            "validation": (corpus.val, *((1, "one window") if cfg.eval_split == "claims"
+                                         else (2, "two disjoint windows and one more token (eval_split 'tuning')")))}
+    for split, (ids, windows, what) in need.items():
+        extra = 0 if windows == 1 else 1
+        if len(ids) < windows * (cfg.seq_len + 1) + extra:
             raise ValueError(f"Invalid seq_len: {cfg.seq_len} for corpus {corpus.name!r}, whose {split} stream has "
-                             f"{len(ids)} tokens (expected seq_len <= {(len(ids) - 1) // 2 - 1}: windows of "
-                             "seq_len + 1 tokens, two disjoint ones at least)")
+                             f"{len(ids)} tokens (expected seq_len <= {(len(ids) - extra) // windows - 1}: "
+                             f"{what} of seq_len + 1 tokens)")
     device = resolve_device(cfg.device)
     model.to(device).train()
     bare = distributed.unwrap(model)  # the module itself: state_dict, evaluation

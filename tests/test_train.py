@@ -1,5 +1,6 @@
 """The shared language-model loop: argument validation and same seed -> same numbers on CPU."""
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -294,5 +295,10 @@ def test_seq_len_longer_than_the_corpus_is_an_error_before_any_allocation():
     model = build_llama("nano", 64, 32, seed=0)
     cfg = LMTrainConfig(steps=2, batch_size=2, seq_len=600, eval_every=1, eval_windows=2, device="cpu")
     with pytest.raises(ValueError, match="Invalid seq_len: 600 for corpus 'toy', whose validation stream has 1001 "
-                                         "tokens \\(expected seq_len <= 499"):
-        train_lm("x", model, torch.optim.SGD(model.parameters(), lr=0.1), corpus, cfg)
+                                         "tokens \\(expected seq_len <= 499: two disjoint windows"):
+        train_lm("x", model, torch.optim.SGD(model.parameters(), lr=0.1), corpus, replace(cfg, eval_split="tuning"))
+    with pytest.raises(ValueError, match="Invalid seq_len: 1200 for corpus 'toy', whose validation stream has 1001 "
+                                         "tokens \\(expected seq_len <= 1000: one window"):
+        train_lm("x", model, torch.optim.SGD(model.parameters(), lr=0.1), corpus, replace(cfg, seq_len=1200))
+    with pytest.raises(ValueError, match="Invalid seq_len: 6000 for corpus 'toy', whose training stream has 5000"):
+        train_lm("x", model, torch.optim.SGD(model.parameters(), lr=0.1), corpus, replace(cfg, seq_len=6000))
