@@ -51,15 +51,23 @@ def prepare(method: str, model: nn.Module, *, lr: float, rank: int | None = None
     norm), not by the loop, as for the fused optimizers (adalomo, lomo). ``accumulation_steps``: backward
     passes per optimizer step for the optimizers that update inside backward (per-layer galore; adalomo,
     lomo when fused); step()-based ones accumulate in ``.grad`` (the loop's job). ``optim_kw`` go to the
-    optimizer of adalomo (e.g. normalization, second_moment, factor_rank, fused), lomo and adafactor.
+    optimizer of adalomo (e.g. normalization, second_moment, factor_rank, fused), lomo and adafactor; an
+    option the method does not take is a ValueError listing those it does (:func:`method_options`).
     ``lora_trainable``: for lora/relora, name substrings of the non-adapter parameters that stay
     trainable; None keeps every one outside the adapted layers (pre-training from scratch, as the
     paper's baseline), ``("classifier",)`` is standard LoRA fine-tuning (adapters + new head only).
     """
     if method not in METHODS:
         raise ValueError(f"Invalid method: {method!r} (expected one of {METHODS})")
-    if optim_kw and method not in ("adalomo", "lomo", "adafactor"):
-        raise ValueError(f"Invalid options {sorted(optim_kw)} for method {method!r} (only adalomo, lomo, adafactor take them)")
+    unknown = sorted(set(optim_kw) - set(_optimizer_options(method)))
+    if unknown:  # a misspelt option is an error listing what this method reads, not a bare TypeError
+        accepted = sorted(method_options(method))
+        raise ValueError(f"Invalid options {unknown} for method {method!r} ("
+                         + (f"expected some of {accepted}, besides" if accepted else "it takes none but")
+                         + " lr, weight_decay and seed)")
+    if lora_alpha is not None and not (isinstance(lora_alpha, (int, float)) and not isinstance(lora_alpha, bool)
+                                       and math.isfinite(lora_alpha) and lora_alpha > 0):
+        raise ValueError(f"Invalid lora_alpha: {lora_alpha!r} (expected None, i.e. the rank, or a finite number > 0)")
     if method in ("adalomo", "lomo") and accumulation_steps != 1:
         optim_kw = {**optim_kw, "accumulation_steps": accumulation_steps}
     if method in ("adalomo", "lomo", "adafactor"):
@@ -114,6 +122,47 @@ def prepare(method: str, model: nn.Module, *, lr: float, rank: int | None = None
         callbacks.append(ReLoRAMerge(model, opt, relora_every, seed))
         info["relora_every"] = relora_every
     return Prepared(method, model, opt, callbacks, info)
+
+
+# prepare()'s own keyword arguments that each method reads (all read lr, weight_decay and seed)
+_PREPARE_OPTIONS = {
+    "full": (),
+    "galore": ("rank", "update_proj_gap", "scale", "proj_method", "switch_subspace", "moments_on_switch",
+               "per_layer", "max_grad_norm", "accumulation_steps"),
+    "lora": ("rank", "lora_alpha", "lora_trainable"),
+    "low_rank": ("rank",),
+    "relora": ("rank", "lora_alpha", "lora_trainable", "relora_every"),
+    "adalomo": ("max_grad_norm", "accumulation_steps"),
+    "lomo": ("max_grad_norm", "accumulation_steps"),
+    "adafactor": (),
+}
+_ADAFACTOR_FIXED = ("scale_parameter", "relative_step", "warmup_init", "clip_threshold")  # set by prepare()
+
+
+def _optimizer_options(method: str) -> tuple[str, ...]:
+    """The extra keywords (``optim_kw``) prepare() passes on to ``method``'s optimizer: AdaLomo's, Lomo's and
+    transformers' Adafactor's constructor arguments that prepare() does not set itself; none for the rest."""
+    import inspect
+
+    if method in ("adalomo", "lomo"):
+        from lrkit.optim import AdaLomo, Lomo
+
+        cls, own = (AdaLomo if method == "adalomo" else Lomo), ("lr", "weight_decay", "seed", *_PREPARE_OPTIONS[method])
+    elif method == "adafactor":
+        from transformers.optimization import Adafactor
+
+        cls, own = Adafactor, ("lr", "weight_decay", *_ADAFACTOR_FIXED)
+    else:
+        return ()
+    return tuple(n for n in list(inspect.signature(cls.__init__).parameters)[2:] if n not in own)
+
+
+def method_options(method: str) -> tuple[str, ...]:
+    """Every option (a recipe's ``method_options`` key) prepare() accepts for ``method`` besides lr,
+    weight_decay and seed: its own keyword arguments that the method reads, then its optimizer's."""
+    if method not in METHODS:
+        raise ValueError(f"Invalid method: {method!r} (expected one of {METHODS})")
+    return _PREPARE_OPTIONS[method] + _optimizer_options(method)
 
 
 def _full_parameter_optimizer(method, model, lr, weight_decay, max_grad_norm, optim_kw) -> Prepared:

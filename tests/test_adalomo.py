@@ -620,3 +620,57 @@ def test_rank_k_clamp_warns_once_and_rank_1_never(second_moment):
         assert len(msgs) == expect, (rank, msgs)
         if expect:
             assert f"second_moment={second_moment!r} at rank 2" in msgs[0]
+
+
+# ---------------------------------------------------------------------- the update clip, both sides
+@pytest.mark.parametrize("normalization", ["grouped", "global"])
+@pytest.mark.parametrize("d, coef", [(2.0, 1.0), (0.5, 0.5)], ids=["below", "above"])
+def test_update_clip_is_one_below_the_threshold(normalization, d, coef):
+    # step 1 of a vector: beta2_1 = 0, so V = G^2 + eps1 and U = G / |G| = sign(G), RMS(U) = 1 exactly. A
+    # clip_threshold d above 1 leaves U alone (dividing by an uncapped RMS / d = 0.5 would double it); below 1 it
+    # divides U by RMS / d. Then theta -= lr * max(eps2, RMS(theta)) * U_hat, by hand.
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(6))
+    p0, g = p.detach().clone(), torch.tensor([0.5, -1.0, 2.0, -0.25, 1.5, -3.0])
+    opt = AdaLomo([p], lr=0.1, clip_threshold=d, normalization=normalization)
+    opt.backward((p * g).sum())
+    opt.step()
+    eta = 0.1 * max(1e-3, (p0.square().mean().sqrt()).item())
+    torch.testing.assert_close(p.detach(), p0 - eta * coef * g.sign(), rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------- sets whose last gradient never comes
+@pytest.mark.parametrize("normalization", ["global", "layer"])
+def test_normalisation_set_with_an_unused_parameter_is_applied_at_step(normalization):
+    """Layer 0 holds an unused parameter (requires grad, never in the graph): its set ("global": every
+    parameter) waits for a gradient that never arrives and is applied by step(); layer 1 holds a frozen
+    parameter, which no set waits for ("layer": layer 1 is applied inside backward). Either way the trained
+    weights equal those of the same model without the two extra parameters (the RMS is over the updates
+    that arrived)."""
+    def build(extra):
+        torch.manual_seed(0)
+        l0, l1 = nn.Linear(6, 5), nn.Linear(5, 3)
+        unused, frozen = nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(3), requires_grad=False)
+        g0, g1 = list(l0.parameters()), list(l1.parameters())
+        if extra:
+            g0, g1 = g0 + [unused], g1 + [frozen]
+        opt = AdaLomo([{"params": g0}, {"params": g1}], lr=0.05, normalization=normalization)
+        return l0, l1, unused, opt
+
+    x = torch.randn(7, 6, generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for extra in (True, False):
+        l0, l1, unused, opt = build(extra)
+        u0 = unused.detach().clone()
+        for step in range(3):
+            before = [q.detach().clone() for q in (*l0.parameters(), *l1.parameters())]
+            opt.backward(torch.tanh(l1(torch.tanh(l0(x)))).square().mean())
+            if extra and step == 0:  # inside backward: only complete sets were applied
+                moved = [not torch.equal(b, q) for b, q in zip(before, (*l0.parameters(), *l1.parameters()))]
+                assert moved == [False, False] + [normalization == "layer"] * 2
+            opt.step()
+            opt.zero_grad()
+            assert all(not torch.equal(b, q) for b, q in zip(before, (*l0.parameters(), *l1.parameters())))
+        runs[extra] = torch.cat([q.detach().flatten() for q in (*l0.parameters(), *l1.parameters())])
+        assert torch.equal(unused, u0)
+    torch.testing.assert_close(runs[True], runs[False], rtol=1e-6, atol=1e-7)

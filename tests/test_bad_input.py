@@ -1,6 +1,6 @@
 """Bad input at every public entry point: one row per class of bad input (issue 11, section 2).
 
-The table ``CASES`` IS the audit: 54 classes, from optimizer hyper-parameters through configs, notebook
+The table ``CASES`` IS the audit: 60 classes, from optimizer hyper-parameters through configs, notebook
 parameters, YAML values, data files and caches to non-finite training. Each row is (class, callable of
 ``tmp_path``, exception type, regex); the callable must raise that type with a message matching the regex,
 which names the bad value and what is accepted (or, for files, the file and what to do). Two rows are
@@ -150,6 +150,12 @@ CASES = [
      ValueError, r"Invalid learning rate: inf \(expected a finite number >= 0\)"),
     ("adalomo_bad_knob_value", lambda t: AdaLomo([_w(4, 4)], normalization="batch"),
      ValueError, r"Invalid normalization: 'batch' \(expected one of \('grouped', 'none', 'global', 'layer'\)\)"),
+    ("adalomo_clip_threshold_infinite", lambda t: AdaLomo([_w(4, 4)], clip_threshold=float("inf")),
+     ValueError, r"Invalid clip_threshold: inf \(expected a finite number > 0\)"),
+    ("adalomo_decay_rate_infinite", lambda t: AdaLomo([_w(4, 4)], decay_rate=-float("inf")),
+     ValueError, r"Invalid decay_rate: -inf \(expected a finite number <= 0"),
+    ("lomo_weight_decay_infinite", lambda t: Lomo([_w(4, 4)], weight_decay=float("inf")),
+     ValueError, r"Invalid weight_decay: inf \(expected a finite number >= 0\)"),
     ("lomo_bad_hyperparameter", lambda t: Lomo([_w(4, 4)], lr=-0.1),
      ValueError, r"Invalid learning rate: -0\.1 \(expected a finite number >= 0\)"),
     ("in_backward_bad_accumulation", lambda t: Lomo([_w(4, 4)], accumulation_steps=0),
@@ -160,7 +166,14 @@ CASES = [
     ("unknown_method", lambda t: prepare("sgd", _nano(), lr=0.1),
      ValueError, r"Invalid method: 'sgd' \(expected one of \('full', 'galore', .*'adafactor'\)\)"),
     ("method_option_not_accepted", lambda t: prepare("full", _nano(), lr=0.1, normalization="grouped"),
-     ValueError, r"Invalid options \['normalization'\] for method 'full' \(only adalomo, lomo, adafactor"),
+     ValueError, r"Invalid options \['normalization'\] for method 'full' \(it takes none but lr, weight_decay and seed\)"),
+    ("method_option_misspelt_galore", lambda t: prepare("galore", _nano(), lr=0.1, rank=4, rnak=8),
+     ValueError, r"Invalid options \['rnak'\] for method 'galore' \(expected some of \['accumulation_steps', .*'rank', "
+                 r"'scale', 'switch_subspace', 'update_proj_gap'\], besides lr, weight_decay and seed\)"),
+    ("method_option_misspelt_adalomo", lambda t: prepare("adalomo", _nano(), lr=0.1, normalisation="layer"),
+     ValueError, r"Invalid options \['normalisation'\] for method 'adalomo' \(expected some of \[.*'normalization', "),
+    ("lora_alpha_not_finite", lambda t: prepare("lora", _nano(), lr=0.1, rank=4, lora_alpha=float("nan")),
+     ValueError, r"Invalid lora_alpha: nan \(expected None, i\.e\. the rank, or a finite number > 0\)"),
     ("missing_rank", lambda t: prepare("lora", _nano(), lr=0.1),
      ValueError, r"Invalid rank: None for method 'lora' \(expected an int >= 1\)"),
     ("unknown_model_size", lambda t: build_llama("huge", 64, 16),

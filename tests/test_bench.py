@@ -28,9 +28,11 @@ def test_quick_bench_measures_every_section_and_writes_record_figure_and_readme(
     assert "wrote" in capsys.readouterr().out
 
 
-def test_bench_rejects_unknown_size():
+def test_bench_rejects_unknown_size(capsys):
+    assert bench.main(["--quick", "--sizes", "huge", "--device", "cpu"]) == 2
+    assert "error: Invalid size: 'huge'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="Invalid size: 'huge'"):
-        bench.main(["--quick", "--sizes", "huge", "--device", "cpu"])
+        bench.main(["--quick", "--sizes", "huge", "--device", "cpu", "--debug"])
 
 
 # ------------------------------------------------------------------ the speed knobs of lrkit/optim/galore.py

@@ -1,6 +1,9 @@
 """Data parallelism for every method: 2 gloo processes under torchrun train a tiny LLaMA on a fixed global
 batch; parameters must be identical across the ranks and equal to one process on the same global batch.
 
+GaLore 8-bit (bitsandbytes' kernels, CUDA only) is step()-based and DDP-wrapped exactly as "galore" is; its
+2-GPU NCCL run is not part of this CPU file (`lrkit.distributed.wrap` is the same call for both).
+
 This file is also the worker script torchrun runs (``python -m torch.distributed.run ... this_file out_dir``).
 """
 import os
@@ -33,7 +36,11 @@ VOCAB, SEQ, GLOBAL_BATCH, STEPS, TIMEOUT_S = 64, 16, 8, 4, 240
 # only; the refresh under DDP is checked with proj_method="random" (every T steps, the projector drawn
 # from (seed, parameter, step), independent of the gradient's rounding). Across the ranks every case,
 # SVD ones included, must agree exactly (parameters and projectors). A missing or wrong reduction moves
-# parameters by ~lr (1e-3 .. 1e-2), far above every tolerance.
+# parameters by ~lr (1e-3 .. 1e-2), far above every tolerance -- for a method whose update sees the
+# gradient's scale: Adam (its eps is tiny), AdaLomo's normalised update and every clipped update (the clip
+# threshold sets the step) are nearly blind to a gradient that is the rank *sum* instead of the average, so
+# the unclipped LOMO cases (plain SGD, at one micro-batch and accumulated over two) are the ones that see
+# the in-backward reduction's division by the world size.
 RANDOM_REFRESH = dict(rank=8, update_proj_gap=2, proj_method="random")
 SVD_ONCE = dict(rank=8, update_proj_gap=1000)
 CASES = {
@@ -53,6 +60,8 @@ CASES = {
     "adalomo_unfused": ("adalomo", dict(lr=1e-2, max_grad_norm=0.5, fused=False), 2, None, 1e-6),
     "lomo": ("lomo", dict(lr=1e-1, max_grad_norm=0.5), 1, None, 1e-6),
     "lomo_accumulated": ("lomo", dict(lr=1e-1, max_grad_norm=0.5, accumulation_steps=2), 2, None, 1e-6),
+    "lomo_unclipped": ("lomo", dict(lr=1e-1), 1, None, 1e-6),
+    "lomo_unclipped_accumulated": ("lomo", dict(lr=1e-1, accumulation_steps=2), 2, None, 1e-6),
     "adafactor": ("adafactor", dict(lr=1e-2), 2, 0.5, 1e-6),
 }
 
@@ -152,12 +161,12 @@ def test_ddp_equals_one_process_for_every_method(tmp_path):
         vs_single = max(max_diff(r[name]["params"], single[name]["params"]) for r in ranks)
         proj = max_diff(ranks[0][name]["projectors"], ranks[1][name]["projectors"])
         moved = max_diff(single[name]["params"], train_initial(name))
+        loss_diff = (ranks[0][name]["losses"] - single[name]["losses"]).abs().max().item()
         print(f"{name:28s} max |rank0 - rank1| = {across:.1e}   max |ddp - one process| = {vs_single:.1e}"
-              f"   projectors across ranks {proj:.1e}   (moved {moved:.1e})")
-        if across != 0.0 or proj != 0.0 or vs_single > CASES[name][4] or moved < 1e-4:
+              f"   projectors across ranks {proj:.1e}   logged loss {loss_diff:.1e}   (moved {moved:.1e})")
+        if across != 0.0 or proj != 0.0 or vs_single > CASES[name][4] or moved < 1e-4 or loss_diff > 1e-5 \
+                or not torch.equal(ranks[0][name]["losses"], ranks[1][name]["losses"]):
             failures.append(name)
-        torch.testing.assert_close(ranks[0][name]["losses"], single[name]["losses"], rtol=0, atol=1e-5)
-        assert torch.equal(ranks[0][name]["losses"], ranks[1][name]["losses"])
     assert all(ranks[0][n]["projectors"] for n in CASES if n.startswith("galore"))
     assert not failures, f"ranks disagree or differ from one process: {failures}"
 
@@ -171,12 +180,6 @@ def train_initial(name):
         model = build(name).model
         _INITIAL[name] = {n: p.detach().clone() for n, p in model.named_parameters()}
     return _INITIAL[name]
-
-
-@pytest.mark.skip(reason="GaLore 8-bit (bitsandbytes' 8-bit Adam) is CUDA-only: its DDP path (step()-based, "
-                  "DDP-wrapped like 'galore') needs 2 GPUs with NCCL and is not exercised by this CPU test")
-def test_galore_8bit_ddp():
-    pass
 
 
 def test_shard_and_wrap_in_one_process():

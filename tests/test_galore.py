@@ -77,6 +77,148 @@ def test_parity_with_galore_torch(proj_type, kw):
     assert max_rel_err(ours, mlp()) > 1e-3  # and it did train
 
 
+# ------------------------------------------------------------- shapes: square, tall, wide in every projection
+# Square weights (every LLaMA q/k/v/o) are where the side rule's tie lives: galore-torch projects an m x n
+# gradient on the right when m >= n, so a square one keeps Q (r x n). The gradients are given (not computed
+# from the weights), so the two optimizers decompose bit-identical matrices; T = 2 over 6 steps refreshes the
+# projectors at steps 0, 2 and 4, with the moments carried across two refreshes.
+SHAPES = {"square": (12, 12), "tall": (16, 10), "wide": (10, 16)}
+PROJ_TYPES = ["std", "reverse_std", "right", "left", "full"]
+SHAPE_STEPS, SHAPE_T, SHAPE_RANK = 6, 2, 3
+
+
+def shape_weights():
+    g = torch.Generator().manual_seed(4)
+    return [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in SHAPES.values()]
+
+
+def shape_grads():
+    g = torch.Generator().manual_seed(5)
+    return [[torch.randn(*s, generator=g) for s in SHAPES.values()] for _ in range(SHAPE_STEPS)]
+
+
+def run_given_grads(opt, weights):
+    for grads in shape_grads():
+        for w, G in zip(weights, grads):
+            w.grad = G.clone()
+        opt.step()
+    return [w.detach().clone() for w in weights]
+
+
+SHAPE_KW = dict(lr=1e-2, weight_decay=0.1)
+
+
+def shape_group(weights, proj_type, **keys):
+    return [{"params": weights, "rank": SHAPE_RANK, "update_proj_gap": SHAPE_T, "scale": 0.25,
+             "proj_type": proj_type, **keys}]
+
+
+@pytest.mark.parametrize("proj_type", PROJ_TYPES)
+def test_parity_with_galore_torch_square_tall_wide(proj_type):
+    ours, ref = shape_weights(), shape_weights()
+    a = run_given_grads(GaLoreAdamW(shape_group(ours, proj_type), **SHAPE_KW), ours)
+    b = run_given_grads(official(shape_group(ref, proj_type), **SHAPE_KW), ref)
+    for name, wa, wb, w0 in zip(SHAPES, a, b, shape_weights()):
+        torch.testing.assert_close(wa, wb, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        assert (wa - w0).abs().max() > 1e-2  # and it did train
+
+
+def _gram_schmidt(A):
+    """Orthonormal columns by modified Gram-Schmidt (float64): the QR factor with a positive diagonal."""
+    cols = []
+    for j in range(A.shape[1]):
+        v = A[:, j].clone()
+        for q in cols:
+            v -= (q @ v) * q
+        cols.append(v / v.norm())
+    return torch.stack(cols, 1)
+
+
+def reference_galore(W, grads, proj_type, policy, method, lr, weight_decay, rank=SHAPE_RANK, T=SHAPE_T,
+                     scale=0.25, betas=(0.9, 0.999), eps=1e-6, pca_lr=0.1):
+    """GaLore (arXiv 2403.03507, Alg. 2, galore-torch's step) for one m x n weight, written out in float64 from
+    the papers, with every moments_on_switch policy and Online Subspace Descent (arXiv 2408.12857) as the
+    optimizer's docstring states them. The SVD is taken of the same fp32 gradient (the same singular vectors,
+    signs included, as the optimizer's)."""
+    W, (m, n) = W.detach().double().clone(), W.shape
+    side = {"std": "right" if m >= n else "left", "reverse_std": "left" if m >= n else "right"}.get(proj_type, proj_type)
+    left, right = side in ("left", "full"), side in ("right", "full")
+    P = Q = M = V = None
+    b1, b2 = betas
+    k = 0  # steps since the moments (re)started
+    for t, G32 in enumerate(grads):
+        G = G32.double()
+        if t == 0 or method == "online_pca" or t % T == 0:
+            if t > 0 and method == "online_pca":  # one normalised descent step on ||G - B B^T G||^2, then QR
+                def descend(B, A):
+                    AAtB = A @ (A.t() @ B)
+                    return _gram_schmidt(B + pca_lr * (AAtB - B @ (B.t() @ AAtB)) / (A * A).sum())
+                P_new = descend(P, G) if left else None
+                Q_new = descend(Q.t(), G.t()).t() if right else None
+            else:
+                U, _, Vh = torch.linalg.svd(G32, full_matrices=False)
+                P_new = U[:, :rank].double() if left else None
+                Q_new = Vh[:rank].double() if right else None
+            if M is not None and policy != "keep":
+                CL = P_new.t() @ P if left else None  # new coordinates from old ones
+                CR = Q @ Q_new.t() if right else None
+                if policy == "reset":
+                    M, V, k = torch.zeros_like(M), torch.zeros_like(V), 0
+                elif policy == "rotate":
+                    M = (CL if left else torch.eye(M.shape[0]).double()) @ M @ (CR if right else torch.eye(M.shape[1]).double())
+                    V = ((CL if left else torch.eye(V.shape[0]).double()) @ V
+                         @ (CR if right else torch.eye(V.shape[1]).double())).clamp_min(0)
+                else:  # ldadam, entry by entry
+                    M, V = (x.double() for x in ldadam_transport(M, V, CL, CR, k, betas))
+            P, Q = P_new, Q_new
+        R = G
+        if left:
+            R = P.t() @ R
+        if right:
+            R = R @ Q.t()
+        if M is None:
+            M, V = torch.zeros_like(R), torch.zeros_like(R)
+        M, V, k = b1 * M + (1 - b1) * R, b2 * V + (1 - b2) * R * R, k + 1
+        N = M / (V.sqrt() + eps)
+        if left:
+            N = P @ N
+        if right:
+            N = N @ Q
+        W = W - lr * math.sqrt(1 - b2 ** k) / (1 - b1 ** k) * scale * N
+        W = W - lr * weight_decay * W
+    return W.float()
+
+
+@pytest.mark.parametrize("proj_type", PROJ_TYPES)
+@pytest.mark.parametrize("policy", ["keep", "reset", "rotate", "ldadam"])
+@pytest.mark.parametrize("method", ["svd", "online_pca"])
+def test_every_moments_policy_and_online_pca_match_a_reference_square_tall_wide(method, policy, proj_type):
+    # eps 1e-3: "rotate" clamps rotated second moments at 0, and M / (0 + 1e-6) would turn fp32 rounding into
+    # steps of order 10 (eps still well below sqrt(V) ~ 0.05, so V shapes every update)
+    weights, kw = shape_weights(), dict(SHAPE_KW, eps=1e-3)
+    opt = GaLoreAdamW(shape_group(weights, proj_type, moments_on_switch=policy, proj_method=method), **kw)
+    ours = run_given_grads(opt, weights)
+    grads = shape_grads()
+    for i, (name, W0) in enumerate(zip(SHAPES, shape_weights())):
+        ref = reference_galore(W0, [g[i] for g in grads], proj_type, policy, method, **kw)
+        torch.testing.assert_close(ours[i], ref, rtol=1e-5, atol=5e-6, msg=lambda m: f"{name}: {m}")
+        assert (ours[i] - W0).abs().max() > 1e-2
+
+
+def test_online_pca_step_lowers_the_reconstruction_error():
+    # Online Subspace Descent moves P *down* ||G - P P^T G||_F: with the same G every step, the error falls
+    g = torch.Generator().manual_seed(2)
+    G = torch.randn(10, 4, generator=g) @ torch.randn(4, 16, generator=g) + 0.1 * torch.randn(10, 16, generator=g)
+    p = torch.nn.Parameter(torch.zeros(10, 16))
+    opt = GaLoreAdamW([{"params": [p], "rank": 3, "proj_method": "online_pca", "pca_lr": 0.5}])
+    errors = []
+    for step in range(4):
+        step_once(opt, p, torch.randn(10, 16, generator=g) if step == 0 else G)  # step 0: SVD of another G
+        P = opt.state[p]["P"]
+        errors.append((G - P @ (P.t() @ G)).norm().item())
+    assert errors[1] > errors[2] > errors[3]
+
+
 # ---------------------------------------------------------------------- the "eigh" refresh
 @pytest.mark.parametrize("shape", [(48, 80), (80, 48)], ids=["wide", "tall"])
 def test_gram_eigh_is_the_svd_subspace_more_accurately_than_the_fp32_svd(shape):

@@ -104,3 +104,38 @@ def test_mean_reduction_without_process_group_raises():
     x, y = batches(1)[0]
     with pytest.raises(RuntimeError, match="reduction='mean' needs an initialised"):
         opt.backward(torch.nn.functional.mse_loss(model(x), y))
+
+
+# ---------------------------------------------------------------------- every clipping path, both sides
+# Two tensors with gradients (1, 2, 2) and ((0, 4), (0, 0)) (a loss linear in the weights, so the gradient is
+# exactly these numbers): global norm 5. A threshold of 8 lies above it: the coefficient must be exactly 1
+# (an uncapped 8 / 5 would scale the gradient *up*); 2.5 lies below it: coefficient 2.5 / (5 + 1e-6).
+# LOMO (plain SGD) shows the coefficient directly in the update.
+G_A, G_B = torch.tensor([1.0, 2.0, 2.0]), torch.tensor([[0.0, 4.0], [0.0, 0.0]])
+LR = 0.1
+
+
+def clipped_lomo_step(max_grad_norm, path):
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2, 2))
+    w0 = [a.detach().clone(), b.detach().clone()]
+    k = 2 if path == "deferred_accumulated" else 1
+    kw = dict(fused=False) if path == "unfused" else dict(
+        clipping="two_pass" if path == "two_pass" else "deferred", accumulation_steps=k)
+    opt = Lomo([a, b], lr=LR, max_grad_norm=max_grad_norm, **kw)
+    for _ in range(k):
+        loss = ((a * G_A).sum() + (b * G_B).sum()) / k
+        opt.backward(loss) if opt.updates_in_backward else loss.backward()
+    opt.step()
+    return w0, [a.detach(), b.detach()]
+
+
+@pytest.mark.parametrize("path", ["two_pass", "deferred", "deferred_accumulated", "unfused"])
+@pytest.mark.parametrize("max_grad_norm, coef", [(8.0, 1.0), (2.5, 2.5 / (5.0 + 1e-6))], ids=["below", "above"])
+def test_clip_coefficient_is_one_below_the_threshold(path, max_grad_norm, coef):
+    w0, w = clipped_lomo_step(max_grad_norm, path)
+    for p0, p, g in zip(w0, w, (G_A, G_B)):
+        torch.testing.assert_close(p, p0 - LR * coef * g, rtol=1e-6, atol=1e-7)
+    if coef == 1.0:  # exactly the unclipped update, bit for bit
+        _, unclipped = clipped_lomo_step(None, path)
+        assert all(torch.equal(p, q) for p, q in zip(w, unclipped))

@@ -257,13 +257,15 @@ def test_command_line_subcommands_reach_their_functions(monkeypatch, sigterm_kep
         assert e.value.code == 2, bad
 
 
-def test_command_line_rejects_an_unknown_profile_before_running_anything(sandbox, sigterm_kept):
+def test_command_line_rejects_an_unknown_profile_before_running_anything(sandbox, sigterm_kept, capsys):
     nb = sandbox / "notebooks" / "tiny.ipynb"
     _notebook(nb, RECORD)
     for argv in (["index", "--profile", "fast"], ["run", str(nb), "--profile", "fast"],
                  ["run", str(nb), "--profile", "fast", "--if-stale"]):
+        assert reports.main(argv) == 2  # one line on stderr, exit status 2
+        assert "error: Invalid profile: 'fast' (expected one of ['auto', 'smoke', 'cpu'" in capsys.readouterr().err
         with pytest.raises(ValueError, match=r"Invalid profile: 'fast' \(expected one of \['auto', 'smoke', 'cpu'"):
-            reports.main(argv)
+            reports.main(argv + ["--debug"])
     assert not (sandbox / "reports").exists()
 
 

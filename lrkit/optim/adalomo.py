@@ -185,15 +185,18 @@ class AdaLomo(FusedOptimizer):
                  reduction: str = "auto"):
         num = (int, float)
         _check(isinstance(lr, num) and math.isfinite(lr) and lr >= 0, "learning rate", lr, "a finite number >= 0")
+        def finite(x):
+            return isinstance(x, num) and not isinstance(x, bool) and math.isfinite(x)
+
         _check(isinstance(eps, (tuple, list)) and len(eps) == 2
-               and all(isinstance(e, num) and e >= 0 for e in eps), "eps", eps,
-               "a pair (eps1, eps2) of numbers >= 0")
-        _check(isinstance(clip_threshold, num) and clip_threshold > 0, "clip_threshold",
-               clip_threshold, "a number > 0")
-        _check(isinstance(decay_rate, num) and decay_rate <= 0, "decay_rate", decay_rate,
-               "a number <= 0, so that beta2_t = 1 - t**decay_rate lies in [0, 1)")
-        _check(isinstance(weight_decay, num) and weight_decay >= 0, "weight_decay", weight_decay,
-               "a number >= 0")
+               and all(finite(e) and e >= 0 for e in eps), "eps", eps,
+               "a pair (eps1, eps2) of finite numbers >= 0")
+        _check(finite(clip_threshold) and clip_threshold > 0, "clip_threshold",
+               clip_threshold, "a finite number > 0")
+        _check(finite(decay_rate) and decay_rate <= 0, "decay_rate", decay_rate,
+               "a finite number <= 0, so that beta2_t = 1 - t**decay_rate lies in [0, 1)")
+        _check(finite(weight_decay) and weight_decay >= 0, "weight_decay", weight_decay,
+               "a finite number >= 0")
         _check(normalization in NORMALIZATIONS, "normalization", normalization, f"one of {NORMALIZATIONS}")
         _check(second_moment in SECOND_MOMENTS, "second_moment", second_moment, f"one of {SECOND_MOMENTS}")
         _check(isinstance(factor_rank, int) and factor_rank >= 1, "factor_rank", factor_rank,

@@ -74,8 +74,8 @@ class Lomo(FusedOptimizer):
                  clipping: str | None = None, reduction: str = "auto"):
         _check(isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0, "learning rate", lr,
                "a finite number >= 0")
-        _check(isinstance(weight_decay, (int, float)) and weight_decay >= 0, "weight_decay",
-               weight_decay, "a number >= 0")
+        _check(isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0,
+               "weight_decay", weight_decay, "a finite number >= 0")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay), fused, max_grad_norm,
                          accumulation_steps=accumulation_steps, clipping=clipping, reduction=reduction)
 
