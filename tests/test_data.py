@@ -1,15 +1,17 @@
 """Data layer: registry, checksums, the offline sources (as fetched by `make data`), online loaders on
 fixture files of the real formats, and clear errors offline."""
 import gzip
+import math
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
 
 from lrkit import data
-from lrkit.data import ChecksumError, DataUnavailableError
+from lrkit.data import ChecksumError, CorruptCacheError, DataUnavailableError
 from lrkit.data._fetch import verify
-from lrkit.data.text import _byte_bpe, load_c4_corpus, read_c4_shard
+from lrkit.data.text import _byte_bpe, load_c4_corpus, load_shakespeare, read_c4_shard
 from lrkit.data.vision import FASHION_DEBIAN_DIR, load_cifar10, read_idx
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -167,3 +169,91 @@ def test_least_squares_is_seeded_and_low_rank():
     b = data.load("least_squares", n=8, rank=2, num_clients=3, seed=1)
     assert len(a["clients"]) == 3 and all((x == y).all() for (x, _), (y, _) in zip(a["clients"], b["clients"]))
     assert int(np.linalg.matrix_rank(a["W_star"].numpy(), tol=1e-5)) == 2
+
+
+@pytest.mark.parametrize("bad", [dict(noise=math.nan), dict(noise=math.inf), dict(heterogeneity=math.nan),
+                                 dict(heterogeneity=-1.0), dict(noise="0.5")])
+def test_least_squares_rejects_non_finite_knobs(bad):
+    """noise=nan passed the `< 0` check and hit a torch internal assert in torch.linalg.lstsq; inf made NaN data."""
+    (name, value), = bad.items()
+    with pytest.raises(ValueError, match=rf"Invalid {name}: {value!r} \(expected a finite number >= 0\)"):
+        data.load("least_squares", n=4, rank=1, num_clients=1, samples_per_client=5, **bad)
+
+
+# ---------------------------------------------------------------------------------------------- token caches
+
+def _tiny_shakespeare(tmp):
+    """load_shakespeare on 16 tiny stand-in works (the BPE of 300 tokens trains on them in milliseconds)."""
+    works = {f"w{i:02d}": f"Work {i}: to be, or not to be, that is the question. " * 3 for i in range(16)}
+    with mock.patch("lrkit.data.text.shakespeare_works", return_value=works):
+        return load_shakespeare(tmp, vocab_size=300)
+
+
+@pytest.mark.parametrize("kind", ["float64", "2-D", "out_of_vocabulary", "truncated", "pickle"])
+def test_a_bad_token_cache_is_a_clear_error_not_token_ids(tmp_path, kind):
+    """A cached train.npy of another dtype (float64 ids cast silently), rank (2-D windows), with an id outside the
+    vocabulary (an embedding index error much later, a device assert on CUDA) or truncated: a ValueError naming the
+    file, what it holds and what to do; the rebuilt cache after deleting it is the original."""
+    good = _tiny_shakespeare(tmp_path)
+    cache = tmp_path / "shakespeare" / "bpe300"
+    ids = np.load(cache / "train.npy")
+    assert ids.dtype == np.uint16 and ids.ndim == 1 and np.array_equal(ids, good.train)
+    found = {"float64": r"a float64 array of shape \(%d,\), expected 1-D uint16 token ids, at least 2" % len(ids),
+             "2-D": r"a uint16 array of shape \(2, %d\), expected 1-D uint16 token ids, at least 2" % (len(ids) // 2),
+             "out_of_vocabulary": r"token id 300 at position 5, expected ids below vocab_size=300",
+             "truncated": r"ValueError: .*", "pickle": r"ValueError: Object arrays cannot be loaded when allow_pickle=False"}[kind]
+    if kind == "truncated":
+        (cache / "train.npy").write_bytes((cache / "train.npy").read_bytes()[:-7])
+    elif kind == "pickle":
+        np.save(cache / "train.npy", np.array([ids], dtype=object), allow_pickle=True)
+    else:
+        bad = {"float64": ids.astype(np.float64), "2-D": ids[: len(ids) // 2 * 2].reshape(2, -1),
+               "out_of_vocabulary": np.where(np.arange(len(ids)) == 5, 300, ids).astype(np.uint16)}[kind]
+        np.save(cache / "train.npy", bad)
+    with pytest.raises(CorruptCacheError, match=rf"bpe300/train\.npy: corrupt token cache \({found}\); "
+                                                rf"delete .*bpe300 to rebuild it") as e:
+        _tiny_shakespeare(tmp_path)
+    assert isinstance(e.value, ValueError) and isinstance(e.value, DataUnavailableError)
+    (cache / "train.npy").unlink()
+    assert np.array_equal(_tiny_shakespeare(tmp_path).train, good.train)
+
+
+def test_a_bad_c4_token_cache_is_a_clear_error(tmp_path):
+    """The memory-mapped C4 caches: truncated (not a whole number of ids, or empty) or holding an id the tokenizer
+    cannot have made is a ValueError naming the file; a smaller vocab_size than the data's ids stays a vocab error."""
+    tok = _fixture_tokenizer(tmp_path)
+    kw = dict(data_files=[C4_SHARD], tokenizer=tok, train_tokens=50, val_tokens=20)
+    good = np.array(load_c4_corpus(tmp_path, **kw).train)  # a copy: the corpus maps the file overwritten below
+    (path,) = (tmp_path / "c4").rglob("train.bin")
+    raw = path.read_bytes()
+    V = tok.get_vocab_size()  # 296: the fixture shard has too few merges for 300
+    assert len(raw) == 2 * 50
+    for bad, found in ((raw[:-1], "99 bytes: not a whole number of uint16 ids, a truncated file"),
+                       (b"", "0 bytes: fewer than 2 uint16 ids, a truncated file"),
+                       (np.where(np.arange(50) == 7, V, good).astype(np.uint16).tobytes(),
+                        f"token id {V} at position 7, expected ids below the tokenizer's {V}")):
+        path.write_bytes(bad)
+        with pytest.raises(CorruptCacheError, match=rf"train\.bin: corrupt C4 train token cache \({found}\); "
+                                                    "delete it to rebuild it"):
+            load_c4_corpus(tmp_path, **kw)
+    path.unlink()
+    assert np.array_equal(load_c4_corpus(tmp_path, **kw).train, good)
+    with pytest.raises(ValueError, match="Invalid vocab_size: 10 .*expected at least"):
+        load_c4_corpus(tmp_path, vocab_size=10, **kw)
+
+
+def test_an_interrupted_c4_tokenization_leaves_no_cache(tmp_path):
+    """_write_tokens writes a temporary file renamed at the end: a tokenization that fails midway (the stream breaks)
+    leaves neither a cache the next load would take as complete nor a temporary file."""
+    from lrkit.data.text import _write_tokens
+
+    def texts():
+        yield "to be or not to be"
+        raise ConnectionError("stream broke")
+
+    path = tmp_path / "c4" / "key" / "train.bin"
+    with pytest.raises(ConnectionError, match="stream broke"):
+        _write_tokens(path, texts(), lambda t: list(range(len(t.split()))), None, 100, np.uint16)
+    assert list(path.parent.iterdir()) == []
+    _write_tokens(path, iter(["a b c"]), lambda t: list(range(len(t.split()))), None, 100, np.uint16)
+    assert np.fromfile(path, dtype=np.uint16).tolist() == [0, 1, 2] and list(path.parent.iterdir()) == [path]

@@ -70,6 +70,36 @@ def test_augment_orthonormal_and_contains_old_span(n, r, G_kind):
         torch.testing.assert_close(U_tilde @ (U_tilde.T @ G), G)
 
 
+def _ill_conditioned_gradients(U, seed=0):
+    """Basis gradients on which an augmentation that orthogonalises G_U against U by one projection pass
+    (classical Gram-Schmidt, G - U U^T G, then QR) loses orthogonality to U: the part of G outside span(U) is
+    1e-14 of G (cancellation), or G is huge, or rank one and nearly inside span(U); and graded columns
+    (condition number ~1e12), which ask the QR for the tiny directions."""
+    n, r = U.shape
+    g = torch.Generator().manual_seed(seed)
+    A, N = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((r, r), (n, r)))
+    return {"near_span": 1e8 * U @ A + 1e-6 * N, "huge": 1e12 * U @ A + N,
+            "rank_one_near_span": (U @ A[:, :1] + 1e-9 * N[:, :1]) @ torch.ones(1, r, dtype=torch.float64),
+            "graded": (U @ A + N) * torch.logspace(0, -12, r, dtype=torch.float64)}
+
+
+@pytest.mark.parametrize("kind", ["near_span", "huge", "rank_one_near_span", "graded"])
+def test_augment_is_orthonormal_to_1e_12_on_ill_conditioned_gradients(kind):
+    """[U | U_bar] orthonormal to 1e-12 (float64) whatever the gradient's conditioning: a one-pass projection
+    loses it (|U^T U_bar| 3e-4 to 0.3 on these gradients), so would a float32 QR (4e-7), a wrong slice of Q."""
+    n, r = 48, 6
+    U = _orth(n, r, 5)
+    G = _ill_conditioned_gradients(U)[kind]
+    U_bar = augment(U, G)
+    assert U_bar.shape == (n, r) and U_bar.dtype == torch.float64
+    U_tilde = torch.cat([U, U_bar], 1)
+    err = (U_tilde.T @ U_tilde - torch.eye(2 * r, dtype=torch.float64)).abs().max()
+    assert err < 1e-12, f"[U | U_bar] orthonormal only to {err:.1e}"
+    if kind == "graded":  # the new directions still span every column of G, the tiniest (1e-12) included
+        outside = G - U_tilde @ (U_tilde.T @ G)
+        assert (outside.norm(dim=0) <= 1e-10 * G.norm(dim=0)).all()
+
+
 def test_augmentation_alone_keeps_the_function():
     torch.manual_seed(0)
     model = to_low_rank(nn.Sequential(nn.Linear(9, 8), nn.Tanh(), nn.Linear(8, 4)), rank=3)

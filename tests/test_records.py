@@ -6,6 +6,7 @@ import pytest
 
 from lrkit import records
 from lrkit.records import RunResult
+from test_utils import interrupt_writes
 
 
 def _result(name="adamw", loss=1.5):
@@ -55,6 +56,19 @@ def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         records.save_run(tmp_path, bad)
     assert (tmp_path / "metrics.json").read_text() == before
+
+
+def test_a_record_write_interrupted_midway_keeps_the_previous_file(tmp_path, monkeypatch):
+    """The failure above comes before any byte is written; here the write itself fails halfway (a full disk): the
+    previous metrics.json is intact, still loads with its run, and no temporary file is left."""
+    records.save_run(tmp_path, _result())
+    before = (tmp_path / "metrics.json").read_bytes()
+    with monkeypatch.context() as m:
+        interrupt_writes(m)
+        with pytest.raises(OSError, match="injected midway"):
+            records.save_run(tmp_path, _result("second", loss=1.0))
+    assert (tmp_path / "metrics.json").read_bytes() == before and list(records.load(tmp_path)["runs"]) == ["adamw"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
 
 
 def test_report_dir_validates():

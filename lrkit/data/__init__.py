@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from lrkit.data._fetch import ChecksumError, DataUnavailableError
+from lrkit.data._fetch import ChecksumError, CorruptCacheError, DataUnavailableError
 from lrkit.data.synthetic import least_squares
 from lrkit.data.text import TokenizedCorpus, load_c4_corpus, load_shakespeare
 from lrkit.data.text_classification import fetch_minilm, load_bbc_news, load_tweets

@@ -13,6 +13,11 @@ from pathlib import Path
 class DataUnavailableError(RuntimeError):
     """A dataset cannot be had on this machine; the message says what to do."""
 
+class CorruptCacheError(DataUnavailableError, ValueError):
+    """A cached file is not what the kit wrote (truncated, foreign, wrong dtype or shape, ids outside the
+    vocabulary): a ValueError naming the file, what was found and what to do (delete it to rebuild); never
+    used as data."""
+
 class ChecksumError(RuntimeError):
     """A fetched file does not match its pinned checksum; it is never used in place of the real one."""
 

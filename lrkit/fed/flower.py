@@ -29,7 +29,7 @@ from lrkit.fed.fedlrt import key
 from lrkit.fed.layers import low_rank_layers
 from lrkit.fed.simulate import (COSTS, build_model, check_faults, client_flops, combine, default_loss, dense_knobs,
                                 drive_round, evaluate, fault_fields, layer_dims, run_client_step, run_fedavg,
-                                run_fedlin, run_fedlrt, sample_participants)
+                                run_fedlin, run_fedlrt, sample_participants, warm_up)
 
 __all__ = ["DEFAULTS", "METHODS", "PROBLEMS", "resolve_config", "load_problem", "simulate", "run_flower",
            "make_server_app", "make_client_app", "server_app", "client_app"]
@@ -204,6 +204,7 @@ def make_client_app():
         received = _tensors(st["received"]) | _tensors(msg.content["arrays"])
         own = _tensors(st["own"]) or None
         knobs = _knobs(cfg)
+        warm_up(knobs["optimizer"])  # once per SuperNode process: torch's first-optimizer imports are not its work
         t0 = time.perf_counter()
         reply = run_client_step(_faults(cfg), c, t, name, model, received, own, data, default_loss(data[1]), knobs,
                                 fedlrt.client_generator(cfg["seed"], t, c), die=_die)

@@ -7,7 +7,8 @@ this process one after the other (`lrkit.fed.flower` drives the same function ov
 Every tensor that crosses the network goes through a `Channel`, which counts its floats (numel) and bytes
 (numel * element size) per client and direction, so the accounting is of what was exchanged, not of a
 formula. Client FLOPs are analytic (see `forward_flops`); client wall
-time is measured around each client computation. A FedAvg/FedLin round is a FeDLRT round with
+time is measured around each client computation (after `warm_up`: torch's one-off imports are not charged
+to the first client). A FedAvg/FedLin round is a FeDLRT round with
 dynamic_rank=False on a dense model: the client "coefficients" are then the full weights.
 
 A run whose coefficients or global loss become non-finite stops there: its last record has NaN metrics
@@ -22,6 +23,7 @@ Record format (one dict per round; round 0 is the initial model, nothing exchang
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -40,7 +42,7 @@ from lrkit.fed.layers import LowRankConv2d, LowRankLinear, low_rank_layers, to_l
 __all__ = ["Channel", "COSTS", "forward_flops", "layer_dims", "client_flops", "received_ranks", "drive_round",
            "build_model", "evaluate", "combine", "sample_participants", "run_fedlrt", "run_fedavg", "run_fedlin",
            "to_run_result", "FAULT_KINDS", "ClientDied", "check_faults", "run_client_step", "reply_fault",
-           "fault_fields"]
+           "fault_fields", "warm_up", "check_client_data"]
 
 
 COSTS = ("floats_down", "floats_up", "bytes_down", "bytes_up", "flops", "wall_time")  # per client and round
@@ -173,6 +175,18 @@ def run_client_step(faults, c, t, stage, *args, die=None):
     return reply
 
 
+@functools.cache
+def warm_up(optimizer: str) -> None:
+    """Pay, once per process and before any client's clock starts, the one-off cost of the first optimizer
+    a client builds: torch imports torch._dynamo on the first `torch.optim` construction (about 1.5 s on 2
+    CPU cores), which charged to client 0 of round 1 passed a deadline of about that size (a healthy client
+    dropped in a fresh process). Both engines call it before timing a client stage."""
+    p = torch.zeros(1, requires_grad=True)
+    opt = (torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam)([p], lr=0.0)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+
+
 def reply_fault(result, spent: float, client_timeout_s: float | None) -> str | None:
     """Why a client's stage result is left out of the aggregation, or None if it is valid: it raised (the
     engine hands a reason string), it holds a non-finite tensor, or the client's computation in this
@@ -277,6 +291,7 @@ def _round(sim, state, participants, t):
                 results[c] = "no reply: the client's process died"
                 continue
             received[c] |= delivered[c]
+            warm_up(knobs["optimizer"])  # once per process: the client's time is its work, not torch's imports
             t0 = time.perf_counter()
             try:
                 reply = run_client_step(sim["faults"], c, t, stage, model, received[c], own[c], data[c],
@@ -342,10 +357,33 @@ def sample_participants(n_clients: int, client_fraction: float, generator: torch
 def _check_run_args(clients_data, rounds, client_fraction) -> None:
     if not clients_data:
         raise ValueError("Invalid clients_data: empty (expected a list of (X, y) per client)")
+    for c, d in enumerate(clients_data):
+        check_client_data(c, d)
     if not isinstance(rounds, int) or rounds < 0:
         raise ValueError(f"Invalid rounds: {rounds!r} (expected an int >= 0)")
     if not 0 < client_fraction <= 1:
         raise ValueError(f"Invalid client_fraction: {client_fraction!r} (expected 0 < client_fraction <= 1)")
+
+
+def check_client_data(c: int, data, what: str = "client") -> None:
+    """Raise ValueError naming client `c` when its data cannot train: not an (X, y) pair of tensors, no
+    sample, X and y of different lengths, or a NaN or infinite entry. Such data would otherwise reach the
+    training as a NaN loss and be recorded as a diverged run (an lr problem) instead of a bad input."""
+    name = f"{what} {c}" if what == "client" else what
+    if not (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)):
+        raise ValueError(f"Invalid data of {name}: {type(data).__name__} (expected an (X, y) pair of tensors)")
+    X, y = data
+    if len(X) == 0:
+        raise ValueError(f"Invalid data of {name}: no sample (X has shape {tuple(X.shape)}; expected at least "
+                         "one (x, y) pair: leave a client without data out of clients_data)")
+    if len(X) != len(y):
+        raise ValueError(f"Invalid data of {name}: {len(X)} inputs but {len(y)} targets (expected as many)")
+    for t_name, t in (("X", X), ("y", y)):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            kind = "NaN" if torch.isnan(t).any() else "Inf"
+            raise ValueError(f"Invalid data of {name}: {t_name} has {bad} non-finite entries ({kind}) of "
+                             f"{t.numel()} (expected finite values: clean or drop them before training)")
 
 
 def _simulate(model, clients_data, rounds, knobs, *, loss_fn, seed, client_fraction, weighted, eval_data, device,
@@ -357,6 +395,8 @@ def _simulate(model, clients_data, rounds, knobs, *, loss_fn, seed, client_fract
     device = torch.device(device or "cpu")
     model = model.to(device)
     clients_data = [(X.to(device), y.to(device)) for X, y in clients_data]
+    if eval_data is not None:
+        check_client_data(0, eval_data, what="eval_data")
     eval_data = None if eval_data is None else tuple(t.to(device) for t in eval_data)
     loss_fn = loss_fn or default_loss(clients_data[0][1])
     sim = {"model": model, "clients_data": clients_data, "loss_fn": loss_fn, "knobs": knobs, "seed": seed,
@@ -440,7 +480,8 @@ def run_fedlrt(model_fn, clients_data, rounds, *, lr=0.1, local_steps=1, varianc
                eval_data=None, device=None, chunk_size=None, client_timeout_s=None, faults=None) -> dict:
     """FeDLRT (docs/methods.md, section 3). The model is `build_model(model_fn, seed, initial_rank, r_min,
     r_max, exclude)`: a dense model_fn() is factorised at initial_rank, the layers in `exclude` kept dense.
-    clients_data is a list of (X, y) tensors. batch_size=None: every local step uses the client's whole
+    clients_data is a list of (X, y) tensors, each with at least one sample and finite (else a ValueError
+    naming the client, `check_client_data`). batch_size=None: every local step uses the client's whole
     local data (deterministic gradient descent, as in the paper's analysis). weighted=True weights the
     aggregation and the global loss by client sample counts, else the plain mean.
     variance_correction: "full" (docs/methods.md, section 3, step 5), "simplified" (the kit's reading: correction on the
