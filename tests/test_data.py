@@ -257,3 +257,14 @@ def test_an_interrupted_c4_tokenization_leaves_no_cache(tmp_path):
     assert list(path.parent.iterdir()) == []
     _write_tokens(path, iter(["a b c"]), lambda t: list(range(len(t.split()))), None, 100, np.uint16)
     assert np.fromfile(path, dtype=np.uint16).tolist() == [0, 1, 2] and list(path.parent.iterdir()) == [path]
+
+
+def test_an_unknown_loader_option_is_an_error_listing_the_options():
+    """A misspelt corpus_options key (vocab instead of vocab_size) names the loader's options, not a TypeError."""
+    from lrkit import data
+
+    with pytest.raises(ValueError, match=r"Invalid option\(s\) \['vocab'\] for dataset 'shakespeare' "
+                                         r"\(expected some of \['vocab_size'\]\)"):
+        data.load("shakespeare", vocab=1024)
+    with pytest.raises(ValueError, match=r"Invalid option\(s\) \['train_token'\] for dataset 'c4' .*'train_tokens'"):
+        data.load("c4", train_token=10)

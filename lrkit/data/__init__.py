@@ -57,10 +57,21 @@ REGISTRY: dict[str, Source] = {s.name: s for s in [
 
 
 def load(name: str, **kwargs):
-    """Load a registered dataset or model by name; keyword arguments go to its loader."""
+    """Load a registered dataset or model by name; keyword arguments go to its loader (an unknown one is an
+    error listing the loader's options, e.g. a misspelt ``corpus_options`` key)."""
+    import inspect
+
     if name not in REGISTRY:
         raise ValueError(f"Invalid dataset: {name!r} (expected one of {sorted(REGISTRY)})")
-    return REGISTRY[name].loader(DATA_DIR, **kwargs)
+    loader = REGISTRY[name].loader
+    params = inspect.signature(loader).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        accepted = [k for k, p in list(params.items())[1:]  # the first is the data directory
+                    if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise ValueError(f"Invalid option(s) {unknown} for dataset {name!r} (expected some of {accepted})")
+    return loader(DATA_DIR, **kwargs)
 
 
 def fetch_all(names=None) -> dict[str, str]:
