@@ -395,8 +395,7 @@ def test_notebook_yaml_reads_numbers_as_a_user_means_them(tmp_path):
 @pytest.mark.parametrize("module,args,message", [
     ("lrkit.reports", ["check", "--profile", "nope"], "error: Invalid profile: 'nope'"),
     ("lrkit.reports", ["seed-check", "x", "--seeds", "a,b"], "error: Invalid --seeds: 'a,b'"),
-    ("lrkit.bench", ["--sizes", "xx"], "error: Invalid size: 'xx'"),
-])
+])  # lrkit.bench and lrkit.train: in-process in tests/test_bench.py, by subprocess in tests/test_train_resume.py
 def test_cli_errors_are_one_line_with_exit_status_2(module, args, message):
     import os
     import subprocess

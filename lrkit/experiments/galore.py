@@ -647,12 +647,14 @@ def run_tuning(out, *, profile: str, points: int, factor: float, ft_points: int,
                eval_windows: int, rank: int, scale: float, update_proj_gap: int, tasks, ft_rank: int,
                ft_scale: float, ft_update_proj_gap: int, ft_epochs: int, ft_batch_size: int, ft_max_len: int,
                ft_train_size: int, ft_test_size: int, corpus: str = "shakespeare",
-               corpus_options: dict | None = None) -> dict:
+               corpus_options: dict | None = None, max_extend: int = 3) -> dict:
     """tuning.ipynb: the learning-rate sweep of every method the other notebooks compare, the same grid
     (``points`` rates ``factor`` apart around :data:`CENTERS`, extended by ``tune`` where the best is at an end)
     for every method of a group, one tuning seed. Pre-training (group "pretrain"): final validation loss on
     the tuning windows (``eval_split="tuning"``, disjoint from the claims' windows). Fine-tuning (one group
-    per task): final macro-F1 on a validation split of the training split. Returns {group: tune() result}."""
+    per task): final macro-F1 on a validation split of the training split. ``max_extend``: rates a sweep may
+    add beyond an edge optimum (the same for every method; 0 at smoke, whose 2-point grids only check the code
+    runs). Returns {group: tune() result}."""
     from lrkit.data.text_classification import validation_split
 
     corpus, train = lm_setup(vocab_size=vocab_size, steps=steps, batch_size=batch_size, seq_len=seq_len,
@@ -662,14 +664,14 @@ def run_tuning(out, *, profile: str, points: int, factor: float, ft_points: int,
     arms = _no_lr(pretrain_arms(CENTERS["pretrain"], rank=rank, scale=scale, update_proj_gap=update_proj_gap))
     chosen = {"pretrain": tune(pretrain_run, arms, out, centers=CENTERS["pretrain"], metric="val_loss",
                                points=points, factor=factor, group="pretrain", corpus=corpus, train=train,
-                               model_size=model_size)}
+                               model_size=model_size, max_extend=max_extend)}
     cfg = ft_config(epochs=ft_epochs, batch_size=ft_batch_size, max_len=ft_max_len, train_size=ft_train_size,
                     test_size=ft_test_size)
     for task in tasks:
         arms = _no_lr(ft_arms(CENTERS["finetune"], rank=ft_rank, scale=ft_scale, update_proj_gap=ft_update_proj_gap))
         chosen[task] = tune(finetune_run, arms, out, centers=CENTERS["finetune"], metric="macro_f1",
                             lower_is_better=False, points=ft_points, factor=ft_factor, group=task,
-                            dataset=validation_split(load_task(task)), train=cfg)
+                            dataset=validation_split(load_task(task)), train=cfg, max_extend=max_extend)
     return chosen
 
 
