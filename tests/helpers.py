@@ -1,6 +1,8 @@
 """Helpers shared by several test modules (pytest puts tests/ on sys.path: ``from helpers import ...``)."""
 from __future__ import annotations
 
+import builtins
+import io
 import math
 import shutil
 from pathlib import Path
@@ -59,3 +61,37 @@ def held_state_bytes(opt):
             if torch.is_tensor(v):
                 storages[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
     return sum(storages.values())
+
+
+# ---- interrupted writes (tests/test_utils.py, tests/test_records.py)
+class _HalfWrite:
+    """A file whose every write puts half the bytes on disk, then raises (ENOSPC)."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, b):
+        self._f.write(bytes(b)[: len(b) // 2])
+        self._f.flush()
+        raise OSError(28, "No space left on device (injected midway)")
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def interrupt_writes(monkeypatch):
+    """Every file opened for binary writing, by open(), io.open (os.fdopen, Path.open, Path.write_bytes), fails midway."""
+    real = io.open
+
+    def opener(file, mode="r", *a, **k):
+        f = real(file, mode, *a, **k)
+        return _HalfWrite(f) if "b" in mode and any(m in mode for m in "wax+") else f
+
+    monkeypatch.setattr(io, "open", opener)
+    monkeypatch.setattr(builtins, "open", opener)

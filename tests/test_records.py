@@ -6,7 +6,7 @@ import pytest
 
 from lrkit import records
 from lrkit.records import RunResult
-from test_utils import interrupt_writes
+from helpers import interrupt_writes
 
 
 def _result(name="adamw", loss=1.5):

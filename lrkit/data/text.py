@@ -199,8 +199,7 @@ def load_c4_corpus(data_dir: Path, data_files=None, tokenizer=None, train_tokens
             keep = None if held_out is None else (lambda i, s=split: (i % held_out == 0) == (s == "val"))
             stream = _c4_documents(hf_split, files[hf_split], keep)
             _write_tokens(path, stream, encode, eos, budget, dtype)
-        ids[split] = _map_c4_cache(path, dtype, n_vocab, split)
-        top = int(ids[split].max())
+        ids[split], top = _map_c4_cache(path, dtype, n_vocab, split)
         if top >= vocab_size:
             raise ValueError(f"Invalid vocab_size: {vocab_size} (the C4 {split} tokens reach id {top}; "
                              f"expected at least {top + 1})")
@@ -209,8 +208,9 @@ def load_c4_corpus(data_dir: Path, data_files=None, tokenizer=None, train_tokens
                            [str(f) for f in files["validation"] or ["allenai/c4 en validation"]])
 
 
-def _map_c4_cache(path: Path, dtype, n_vocab: int, split: str) -> np.memmap:
-    """The raw ``dtype`` token ids of a C4 cache, memory-mapped. A truncated file (a size that is not a whole
+def _map_c4_cache(path: Path, dtype, n_vocab: int, split: str) -> tuple[np.memmap, int]:
+    """The raw ``dtype`` token ids of a C4 cache, memory-mapped, and the largest id (one pass over the file,
+    which at the paper profile holds 1.3 B tokens). A truncated file (a size that is not a whole
     number of ids; empty), fewer than 2 tokens or an id the tokenizer cannot have made is a
     `CorruptCacheError` (a ValueError) naming the file and what it holds; delete it to rebuild."""
     size, width = path.stat().st_size, np.dtype(dtype).itemsize
@@ -224,7 +224,7 @@ def _map_c4_cache(path: Path, dtype, n_vocab: int, split: str) -> np.memmap:
         raise CorruptCacheError(f"{path}: corrupt C4 {split} token cache (token id {top} at position "
                                 f"{int(ids.argmax())}, expected ids below the tokenizer's {n_vocab}); delete it "
                                 "to rebuild it")
-    return ids
+    return ids, top
 
 
 def _encoder(tokenizer):
