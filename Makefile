@@ -85,7 +85,7 @@ mutants: setup data
 
 # ---- reproduce: one target per notebook, so `make -j2 reproduce` runs two at a time
 # The longest notebooks (cpu run times in the folder READMEs) start first, so `-j` ends with short ones.
-LONGEST := $(foreach n,galore/galore galore/ablation_rank getting_started galore/ablation_lora,$(filter notebooks/$(n).ipynb,$(NOTEBOOKS)))
+LONGEST := $(foreach n,galore/galore galore/scaling adalomo/scaling galore/ablation_rank getting_started galore/ablation_lora,$(filter notebooks/$(n).ipynb,$(NOTEBOOKS)))
 # Only notebooks whose results are missing or stale run (lrkit.reports --if-stale: the notebook, its configs,
 # the tuned rates it read, the lrkit code its kernel imported or the lock changed since this checkout ran it);
 # FORCE=1 reruns all. `make -j4 reproduce` runs four at a time (the default: JOBS, one per core).

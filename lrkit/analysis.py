@@ -43,8 +43,8 @@ def curve(result, metric: str = "val_loss", x: str = "tokens") -> tuple[np.ndarr
     """(x, metric) of the history rows that logged ``metric`` (finite values only). ``x="tokens"`` is the
     step times the run's batch size and sequence length (``config``), so arms of one notebook share it."""
     rows = [r for r in result.history if r.get(metric) is not None and np.isfinite(r[metric])]
-    steps = np.array([r["step"] for r in rows], dtype=float)
     if x == "tokens":
+        steps = np.array([r["step"] for r in rows], dtype=float)
         xs = steps * result.config["batch_size"] * result.config["seq_len"]
     else:
         xs = np.array([r[x] for r in rows], dtype=float)
@@ -115,3 +115,41 @@ def half_run_target(results, metric: str = "val_loss") -> float:
     if not best:
         raise ValueError(f"no run logged {metric!r}")
     return float(max(best))
+
+
+# --- horizons (issue 20, item 3): has the metric a claim reads stopped moving? ---------------------------
+def last_quarter_change(result, metric: str = "val_loss", x: str = "step") -> float | None:
+    """How much ``metric`` still moves over the last quarter of the run: the least-squares slope of the logged
+    points whose ``x`` is in the last quarter of the run's span, times that quarter's length (in the metric's
+    units; negative while a loss still falls, positive while an accuracy still rises). None with fewer than
+    three points in the quarter."""
+    xs, ys = curve(result, metric, x)
+    if len(xs) < 3:
+        return None
+    start = xs[0] + 0.75 * (xs[-1] - xs[0])
+    last = xs >= start
+    if last.sum() < 3:
+        return None
+    slope = np.polyfit(xs[last], ys[last], 1)[0]
+    return float(slope * (xs[-1] - start))
+
+
+def horizon(results_by_arm: dict, metric: str, tol: float, x: str = "step") -> tuple[dict, dict]:
+    """The last-quarter change (:func:`last_quarter_change`) of each arm across its seeds, and the arms that
+    have not converged at this horizon. ``results_by_arm``: {arm: [RunResult per seed]}; ``tol`` > 0, in the
+    metric's units: an arm has converged when the 95 % interval of its per-seed changes lies inside
+    [-tol, tol]. Returns ({arm: (mean, low, high, n)}, {arm: flag text} for the arms that have not; one seed or
+    a failed run leaves the interval undefined and counts as not shown converged), the flags ready for
+    ``lrkit.claims.evaluate_all(..., flags=...)``."""
+    from lrkit.claims import interval
+
+    if not tol > 0:
+        raise ValueError(f"Invalid tol: {tol!r} (expected a tolerance > 0 in the units of {metric!r})")
+    changes, flags = {}, {}
+    for arm, results in results_by_arm.items():
+        mean, lo, hi, n = interval([last_quarter_change(r, metric, x) for r in results])
+        changes[arm] = (mean, lo, hi, n)
+        if not (np.isfinite(lo) and np.isfinite(hi) and -tol <= lo and hi <= tol):
+            flags[arm] = (f"{arm}: not converged at this horizon (last-quarter change of {metric} {mean:+.3g}, "
+                          f"95% CI [{lo:+.3g}, {hi:+.3g}], n={n}; converged: inside +/-{tol:g})")
+    return changes, flags

@@ -9,6 +9,7 @@ import torch
 
 LLAMA_SIZES = {
     # name: (hidden, intermediate, layers, heads)
+    "pico": (32, 88, 2, 2),      # the scaling ladder's smallest rung (notebooks/*/scaling.ipynb)
     "nano": (64, 176, 2, 2),
     "micro": (128, 352, 4, 4),   # the official "9m" shape; 9M parameters with vocab 32000
     "9m": (128, 352, 4, 4),

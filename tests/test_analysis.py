@@ -61,3 +61,34 @@ def test_half_run_target_is_reached_by_every_run_by_half_its_length():
     assert all(to_target(r, target) <= 30 for r in (fast, slow))
     # the worst run's best (the older target) is reached by that run only at its end
     assert to_target(slow, reachable_target([fast, slow])) == 60
+
+
+def test_last_quarter_change_reads_the_last_quarter_only_and_horizon_flags_moving_arms():
+    from lrkit.analysis import horizon, last_quarter_change
+
+    # 17 points, steps 10..170: the last quarter of the span (10..170) starts at step 130 -> 5 points
+    falling = [10 - 0.5 * i for i in range(17)]                        # still falling: -0.5 per 10 steps
+    flat_end = [10 - 0.5 * min(i, 8) for i in range(17)]               # falls, then flat from step 90
+    val = lambda v: _run(v, every=10, val=v)
+    assert math.isclose(last_quarter_change(val(falling)), -0.5 * 4)   # slope x quarter length (40 steps)
+    assert abs(last_quarter_change(val(flat_end))) < 1e-12             # an early fall is not read
+    assert last_quarter_change(val([3.0, 2.0])) is None
+    noise = [0.01, -0.01, 0.02]
+    changes, flags = horizon({"moving": [val([f + e for f in falling]) for e in noise],
+                              "settled": [val([f + e * (i > 12) for i, f in enumerate(flat_end)]) for e in noise],
+                              "one-seed": [val(flat_end)]}, "val_loss", tol=0.1)
+    assert changes["moving"][0] < -1.9 and changes["moving"][3] == 3
+    assert set(flags) == {"moving", "one-seed"}                        # one seed: no interval, not shown settled
+    assert "not converged at this horizon" in flags["moving"]
+    import pytest
+    with pytest.raises(ValueError, match="tol"):
+        horizon({}, "val_loss", tol=0)
+
+
+def test_curve_reads_any_history_key_as_x_without_a_step():
+    from lrkit.analysis import curve, last_quarter_change
+
+    r = RunResult("fed", {}, 0, "cpu", "cpu", history=[{"round": i, "acc": 0.1 * i} for i in range(1, 10)])
+    xs, ys = curve(r, "acc", x="round")  # federated histories log rounds, not steps
+    assert list(xs) == list(range(1, 10)) and math.isclose(ys[-1], 0.9)
+    assert math.isclose(last_quarter_change(r, "acc", x="round"), 0.1 * 2)  # rounds 7-9

@@ -137,3 +137,29 @@ def test_update_gap_and_projection_tables(reports):
     assert list(suite.projection_table(proj)["proj_method"]) == ["svd", "random"]
     sc = suite.run_scale(None, profile="cpu", seeds=[0], scales=[0.25, 1.0], rank=4, update_proj_gap=2, **TINY)
     assert list(suite.scale_table(sc)["block_lr"]) == [pytest.approx(0.0025), pytest.approx(0.01)]
+
+
+def test_horizon_flags_reach_the_curve_claims_rows_for_a_still_moving_arm_only(reports):
+    # 12 evaluations at steps 10..120; the last quarter (steps >= 92.5) holds steps 100, 110, 120
+    runs = Runs()
+    for s in range(3):
+        settled = [4.0 - 0.2 * i for i in range(8)] + [2.4, 2.4 + 0.001 * s, 2.4, 2.4 - 0.001 * s]
+        moving = [4.0 - 0.1 * i - 0.01 * s for i in range(12)]  # falls 0.1 per evaluation to the end
+        runs[(suite.gap_arm(200), s)] = _rec(suite.gap_arm(200), s, settled, steps=120)
+        runs[(suite.gap_arm(50), s)] = _rec(suite.gap_arm(50), s, moving, steps=120, wall=10.0 + s)
+    assert suite.HORIZON_TOL == pytest.approx(math.log(1.05) / 4)  # a quarter of the perplexity margin, in nats
+    table = suite.horizon_table(runs).set_index("arm")
+    # the moving arm's last-quarter change: slope -0.01 / step over the quarter's 27.5 steps
+    assert table.loc["T=50", "last_quarter_change"] == pytest.approx(-0.01 * 27.5)
+    assert table.loc["T=50", "converged"] == False and table.loc["T=200", "converged"] == True  # noqa: E712
+    assert abs(table.loc["T=200", "last_quarter_change"]) < suite.HORIZON_TOL and (table["n"] == 3).all()
+    cs = [claims.Claim("gap", "s", "src", "val_loss", ("T=50", "T=200"), op=">", bound=0.0),
+          claims.Claim("settled", "s", "src", "val_ppl", ("T=200",), quantity="value", op="<", bound=100.0),
+          claims.Claim("overhead", "s", "src", "projector_share_T200", ("T=50",), quantity="value", op="<",
+                       bound=0.05)]
+    rows = claims.table(suite.evaluate(cs, runs, "cpu")).set_index("claim")
+    assert "T=50: not converged at this horizon" in rows.loc["gap", "flags"]
+    assert "T=200" not in rows.loc["gap", "flags"]  # the settled arm carries no flag
+    assert rows.loc["settled", "flags"] == "" and rows.loc["overhead", "flags"] == ""  # not a curve read-out
+    # a tolerance wider than the moving arm's change: converged, no flag
+    assert suite.horizon(runs, tol=0.5)[1] == {}

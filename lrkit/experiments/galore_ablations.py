@@ -249,6 +249,45 @@ def measure(runs: Runs, **kw):
     return lambda metric: runs.measure(read.get(metric, metric))
 
 
+# Horizon (issue 20). The loss claims read the validation curve (its end: val_loss / val_ppl; its area:
+# mean_val_loss; its first crossing: tokens_to_target); an arm whose curve still moves at the run's end could
+# change such a verdict with more steps. Converged: the 95 % interval over seeds of the validation loss's
+# last-quarter change (lrkit.analysis.last_quarter_change) inside +/- HORIZON_TOL nats, a quarter of the kit's
+# perplexity margin in loss units (log 1.05 / 4 = 0.0122 nats, a 1.2 % perplexity change): whatever an arm
+# still moves by then is small beside the smallest perplexity gap the kit counts as a difference. The curve is
+# the validation loss for every such claim (val_ppl = exp(val_loss), so the tolerance is one number for all arms).
+HORIZON_METRIC = "val_loss"
+HORIZON_TOL = math.log(PPL_MARGIN) / 4
+CURVE_METRICS = frozenset({"val_loss", "val_ppl", "mean_val_loss", "tokens_to_target", "val_ppl_over_best"})
+
+
+def horizon(runs: Runs, tol: float = HORIZON_TOL) -> tuple[dict, dict]:
+    """``lrkit.analysis.horizon`` of every arm's validation-loss curve: ({arm: (mean, lo, hi, n)}, {arm: flag})."""
+    return analysis.horizon({a: runs.arm(a) for a in runs.arms}, HORIZON_METRIC, tol)
+
+
+def horizon_table(runs: Runs, tol: float = HORIZON_TOL) -> pd.DataFrame:
+    """Per arm: the validation loss's change over the last quarter of the run (mean and 95 % interval over
+    seeds, nats; negative while it still falls), the tolerance, and whether the interval lies inside it."""
+    changes, flagged = horizon(runs, tol)
+    return pd.DataFrame([{"arm": a, "last_quarter_change": m, "last_quarter_change_lo": lo,
+                          "last_quarter_change_hi": hi, "n": n, "tol": tol, "converged": a not in flagged}
+                         for a, (m, lo, hi, n) in changes.items()])
+
+
+def evaluate(claims_, runs: Runs, profile: str, tol: float = HORIZON_TOL, **kw) -> list:
+    """Verdicts of ``claims_`` (``lrkit.claims.evaluate_all``) with every arm's learning-rate edge flag
+    (:func:`flags`) and, on the claims that read the validation curve (:data:`CURVE_METRICS`), the
+    "not converged at this horizon" flag of every arm whose last-quarter change is not inside ``tol``
+    (:func:`horizon`); a claim on another read-out (the projector's time share) gets the rate flags only."""
+    from lrkit.claims import evaluate_all
+
+    lr, moving = flags(runs, profile), horizon(runs, tol)[1]
+    both = {a: "; ".join(t for t in (lr.get(a), moving.get(a)) if t) for a in {*lr, *moving}}
+    measure_for = measure(runs, **kw)
+    return [evaluate_all([c], measure_for, flags=both if c.metric in CURVE_METRICS else lr)[0] for c in claims_]
+
+
 def summary(runs: Runs, metrics, **kw) -> pd.DataFrame:
     """``runs.summary`` of the named read-outs (mean and 95 % t interval over seeds per arm)."""
     read = readers(runs, **kw)
