@@ -138,9 +138,9 @@ def horizon(results_by_arm: dict, metric: str, tol: float, x: str = "step") -> t
     """The last-quarter change (:func:`last_quarter_change`) of each arm across its seeds, and the arms that
     have not converged at this horizon. ``results_by_arm``: {arm: [RunResult per seed]}; ``tol`` > 0, in the
     metric's units: an arm has converged when the 95 % interval of its per-seed changes lies inside
-    [-tol, tol]. Returns ({arm: (mean, low, high, n)}, {arm: flag text} for the arms that have not; one seed or
-    a failed run leaves the interval undefined and counts as not shown converged), the flags ready for
-    ``lrkit.claims.evaluate_all(..., flags=...)``."""
+    [-tol, tol] and every seed has a change. Returns ({arm: (mean, low, high, n)}, {arm: flag text} for the arms
+    that have not: one seed gives no interval, and a run without a change (failed, or too few evaluations in its
+    last quarter) is not shown converged), the flags ready for ``lrkit.claims.evaluate_all(..., flags=...)``."""
     from lrkit.claims import interval
 
     if not tol > 0:
@@ -149,7 +149,7 @@ def horizon(results_by_arm: dict, metric: str, tol: float, x: str = "step") -> t
     for arm, results in results_by_arm.items():
         mean, lo, hi, n = interval([last_quarter_change(r, metric, x) for r in results])
         changes[arm] = (mean, lo, hi, n)
-        if not (np.isfinite(lo) and np.isfinite(hi) and -tol <= lo and hi <= tol):
+        if n < len(results) or not (np.isfinite(lo) and np.isfinite(hi) and -tol <= lo and hi <= tol):
             flags[arm] = (f"{arm}: not converged at this horizon (last-quarter change of {metric} {mean:+.3g}, "
                           f"95% CI [{lo:+.3g}, {hi:+.3g}], n={n}; converged: inside +/-{tol:g})")
     return changes, flags

@@ -76,9 +76,12 @@ def test_last_quarter_change_reads_the_last_quarter_only_and_horizon_flags_movin
     noise = [0.01, -0.01, 0.02]
     changes, flags = horizon({"moving": [val([f + e for f in falling]) for e in noise],
                               "settled": [val([f + e * (i > 12) for i, f in enumerate(flat_end)]) for e in noise],
-                              "one-seed": [val(flat_end)]}, "val_loss", tol=0.1)
+                              "one-seed": [val(flat_end)],
+                              "one-failed": [val(flat_end), val(flat_end[:1] + [0.0] * 16), val(flat_end[:2])]},
+                             "val_loss", tol=0.1)
     assert changes["moving"][0] < -1.9 and changes["moving"][3] == 3
-    assert set(flags) == {"moving", "one-seed"}                        # one seed: no interval, not shown settled
+    assert set(flags) == {"moving", "one-seed", "one-failed"}          # one seed: no interval, not shown settled
+    assert changes["one-failed"][3] == 2 and "n=2;" in flags["one-failed"]  # a run without a change counts
     assert "not converged at this horizon" in flags["moving"]
     import pytest
     with pytest.raises(ValueError, match="tol"):
