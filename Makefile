@@ -97,9 +97,10 @@ readme: setup
 	$(PY) -m lrkit.reports readme
 run/%: setup
 	$(PY) -m lrkit.reports run $* --profile $(PROFILE) $(if $(FORCE),,--if-stale)
-# Each paper's tuning notebook chooses the learning rates the folder's other notebooks read: it runs first.
+# Each paper's tuning notebook chooses the learning rates the folder's other notebooks read: it runs first
+# (the scaling notebooks tune themselves at every size and read no other record, so they need not wait).
 TUNING := $(filter %/tuning.ipynb,$(NOTEBOOKS))
-$(foreach t,$(TUNING),$(eval $(addprefix run/,$(filter-out $(t),$(filter $(dir $(t))%,$(NOTEBOOKS)))): run/$(t)))
+$(foreach t,$(TUNING),$(eval $(addprefix run/,$(filter-out $(t) %/scaling.ipynb,$(filter $(dir $(t))%,$(NOTEBOOKS)))): run/$(t)))
 tune: setup data
 	$(MAKE) --no-print-directory -j $(JOBS) $(addprefix run/,$(TUNING))
 seed-check: setup data

@@ -13,7 +13,7 @@ import pytest
 from lrkit.claims import Claim
 
 ROOT = Path(__file__).resolve().parents[1]
-SUITES = ("galore", "galore_ablations", "adalomo", "fedlrt", "getting_started")
+SUITES = ("galore", "galore_ablations", "adalomo", "fedlrt", "getting_started", "scaling")
 BUILDER_CALL = re.compile(r"suite\.(\w+_claims)\(([^)]*)\)")
 SUITE_IMPORT = re.compile(r"experiments import (\w+) as suite")
 
