@@ -4,7 +4,8 @@ a fresh run against the committed reference.
     python -m lrkit.reports run notebooks/getting_started.ipynb --profile cpu
     python -m lrkit.reports run notebooks/*/*.ipynb --profile cpu --if-stale   # skip up-to-date results
     python -m lrkit.reports index --profile cpu      # reports/index.html
-    python -m lrkit.reports readme                   # reports/README.md from the cpu reference results
+    python -m lrkit.reports readme                   # reports/README.md: the papers' numbers beside the kit's
+                                                     # (every profile but smoke), then the cpu reference results
     python -m lrkit.reports check --profile cpu      # fresh run vs the committed metrics.json
 
 A notebook runs into a staging directory that replaces ``reports/<notebook>/<profile>/`` only when the
@@ -461,9 +462,93 @@ def _md_table(rows: list[dict]) -> list[str]:
             + ["| " + " | ".join(_fmt(r.get(c)).replace("|", "\\|") for c in cols) + " |" for r in rows] + [""])
 
 
+# The papers the notebook folders reproduce (reports/<folder>/...), in the order the README shows them; a folder
+# not named here gets its folder name as title, after these.
+PAPER_TITLES = {"galore": "GaLore (Zhao et al., ICML 2024, arXiv 2403.03507)",
+                "adalomo": "AdaLomo (Lv et al., Findings of ACL 2024, arXiv 2310.10195)",
+                "fedlrt": "FeDLRT (Schotthöfer and Laiu, arXiv 2406.17887)"}
+# The profiles whose records stand beside the papers' numbers: every one but smoke (which only checks that the
+# code runs, at a scale no verdict means anything at).
+COMPARED_PROFILES = tuple(p for p in records.PROFILES if p != "smoke")
+
+
+def _estimate_text(c: dict) -> str:
+    """A recorded verdict's estimate with its 95 % interval and n, e.g. "1.043 [1.012, 1.075], n=5"."""
+    if c.get("estimate") is None:
+        return "none"
+    return f"{_fmt(c['estimate'])} {_ci(c)}, n={c.get('n')}"
+
+
+def paper_comparison(profiles=COMPARED_PROFILES) -> dict[str, dict]:
+    """Per paper folder (``reports/<paper>/<notebook>/<profile>/metrics.json``; the kit's own top-level
+    notebooks are no paper's): ``{"profiles": the profiles of ``profiles`` with a record of the folder,
+    "rows": [...]}``, one row per notebook and claim id whose record at some profile carries the paper's value
+    (claims without one are left out): notebook, claim, kind (empirical / accounting), what the claim tests,
+    the paper's value and its source (from the first profile whose record has one), and per profile the kit's
+    estimate [95 % interval], n and the verdict ("no record" where the notebook has none at that profile,
+    "not tested" where its record lacks the claim). Rows by notebook, then in the records' claim order."""
+    found: dict[str, list] = {}
+    claims: dict[str, dict] = {}
+    have: dict[tuple, set] = {}
+    for prof in profiles:
+        for key, _, doc in _collect(prof):
+            paper = _paper_of(key)
+            if paper == "kit":
+                continue
+            if prof not in found.setdefault(paper, []):
+                found[paper].append(prof)
+            have.setdefault((paper, prof), set()).add(key)
+            for c in _claims(doc):
+                row = claims.setdefault(paper, {}).setdefault((key, c["claim"]), {
+                    "notebook": key, "claim": c["claim"],
+                    "kind": "accounting" if c.get("accounting") else "empirical",
+                    "tested": c.get("target", ""), "paper": None, "paper source": "", "by_profile": {}})
+                if row["paper"] is None and c.get("paper") is not None:
+                    row["paper"], row["paper source"] = c["paper"], c.get("paper_source", "")
+                row["by_profile"][prof] = c
+    order = [p for p in PAPER_TITLES if p in found] + sorted(p for p in found if p not in PAPER_TITLES)
+    out = {}
+    for paper in order:
+        rows = []
+        for (key, _), row in sorted(claims.get(paper, {}).items(), key=lambda kv: kv[0][0]):  # stable: claim order
+            if row["paper"] is None:
+                continue
+            shown = {k: v for k, v in row.items() if k != "by_profile"}
+            for prof in found[paper]:
+                c = row["by_profile"].get(prof)
+                missing = "no record" if key not in have[(paper, prof)] else "not tested"
+                shown[f"kit ({prof})"] = _estimate_text(c) if c else missing
+                shown[f"verdict ({prof})"] = c["verdict"] if c else missing
+            rows.append(shown)
+        out[paper] = {"profiles": found[paper], "rows": rows}
+    return out
+
+
+def paper_sections(profiles=COMPARED_PROFILES) -> list[str]:
+    """The README's "papers' numbers beside the kit's" section: one table per paper (:func:`paper_comparison`)."""
+    papers = paper_comparison(profiles)
+    lines = ["## The papers' numbers beside the kit's", "",
+             "Per paper, every claim whose quantity the paper reports: the paper's value with the table or section it "
+             "comes from (derived from the paper's own numbers where the claim reads a ratio or difference of them, "
+             "as its source says), and the kit's estimate of the same quantity with its 95 % interval and number of "
+             "seeds, and its verdict, at each profile with records under `reports/` (smoke excluded: it only checks "
+             "that the code runs). The kit's models and budgets are far below the papers' (each notebook's section "
+             "says how far), so the paper's value is a point of comparison, not the bound the verdict tests: "
+             "`tested` is. Claims whose quantity the paper does not report are in the tables below, not here.", ""]
+    for paper, spec in papers.items():
+        lines += [f"### {PAPER_TITLES.get(paper, paper)}", ""]
+        if not spec["rows"]:
+            lines += [f"No claim recorded for `{paper}/` carries a paper value (profiles with records: "
+                      f"{', '.join(spec['profiles'])}).", ""]
+            continue
+        lines += _md_table(spec["rows"])
+    return lines if papers else []
+
+
 def build_readme(profile: str = "cpu") -> Path:
-    """reports/README.md: every claim with its verdict, estimate, interval and n (all notebooks in one
-    table first), then per notebook its claims, headline figure, summary table and conclusions."""
+    """reports/README.md: the papers' numbers beside the kit's (:func:`paper_sections`: one table per paper,
+    every profile but smoke), every claim with its verdict, estimate, interval and n (all notebooks in one
+    table), then per notebook its claims, headline figure, summary table and conclusions."""
     lines = [f"# Reference results ({profile} profile)", "",
              "Generated by `make reproduce` (`python -m lrkit.reports readme`); do not edit by hand. "
              "Each section is one notebook's summary, computed by the notebook from its own run.", "",
@@ -473,8 +558,9 @@ def build_readme(profile: str = "cpu") -> Path:
              "when it lies wholly on the other side, else **unresolved at this scale**, with its reason (one seed, "
              "failed runs, too few seeds for the observed effect, or no effect at this scale). A failed or diverged "
              "run counts at the worst value of its metric among the notebook's runs. Byte counts, analytic FLOPs "
-             "and formula identities are accounting: shown in tables of their own and left out of the tally.", "",
-             "## All claims", ""]
+             "and formula identities are accounting: shown in tables of their own and left out of the tally.", ""]
+    lines += paper_sections()
+    lines += ["## All claims", ""]
     docs = _collect(profile)
     lines += [f"Verdicts: {tally([c for _, _, doc in docs for c in _claims(doc)])}.", "",
               "### Empirical claims", ""]

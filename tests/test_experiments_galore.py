@@ -158,6 +158,12 @@ def test_paper_numbers_and_claims():
     assert "ft-rank-4-vs-8" not in {c.id for c in suite.rank_claims([2, 16])}
     mem = {c.id for c in suite.memory_claims(["nano"])}
     assert "state-cut-grows-with-size" not in mem and "8bit-state-cut" not in mem
+    # Table 6's value of the monotone claim's quantity: its weakest step (the kit's estimate is its weakest step
+    # too), 60M -> 130M: 0.28/0.51 - 0.13/0.23; the other steps are larger cuts
+    grows = {c.id: c for c in suite.memory_claims(["nano", "micro"])}["state-cut-grows-with-size"]
+    assert grows.paper == pytest.approx(0.28 / 0.51 - 0.13 / 0.23) and "Table 6" in grows.paper_source
+    assert "60M -> 130M" in grows.paper_source
+    assert suite.paper_weakest_state_step(("130m", "350m", "1b"))[1:] == ("350m", "1b")
     assert "8bit-state-cut" in {c.id for c in suite.memory_claims(["nano", "micro"], suite.MEMORY_METHODS + ("galore_8bit",))}
 
 

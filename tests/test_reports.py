@@ -327,6 +327,73 @@ def test_readme_and_index_show_accounting_apart_and_each_verdicts_reason_directi
     assert "2 of 6 runs failed" in card and "adamw: lr 0.003 at the edge of its grid" in card
 
 
+def _paper_section(text):
+    """The README's papers' section, as {paper title: [[cell, ...] per table row]} (header row first)."""
+    lines = text.splitlines()
+    section = lines[lines.index("## The papers' numbers beside the kit's"):lines.index("## All claims")]
+    out, title = {}, None
+    for line in section:
+        if line.startswith("### "):
+            title = line[4:]
+            out[title] = []
+        elif title and line.startswith("| ") and "---" not in line:
+            out[title].append([cell.strip() for cell in line.strip("|").split(" | ")])
+    return out
+
+
+def test_readme_puts_every_paper_value_beside_the_kits_estimate_at_each_profile(sandbox, monkeypatch):
+    from lrkit import bench
+
+    monkeypatch.setattr(bench, "REPORTS_DIR", sandbox / "reports")
+    galore = [_new_claim("galore-vs-full-rank", "holds", paper=1.024, paper_source="Table 2 (60M)"),
+              _new_claim("baseline-not-beaten", "holds", paper=None, paper_source=""),  # no paper value: left out
+              _new_claim("state-smaller", "holds", accounting=True, paper=0.5652, paper_source="Table 6 (60M)")]
+    _record(records.report_dir("galore/main", "cpu"), "a", 2.5, galore, [])
+    # the same claim id in another notebook of the folder: its own row, with its own estimate
+    _record(records.report_dir("galore/ablation", "cpu"), "a", 2.5,
+            [{**_new_claim("galore-vs-full-rank", "unresolved at this scale", paper=1.024,
+                           paper_source="Table 2 (60M)"), "estimate": 1.3, "low": 1.2, "high": 1.4}], [])
+    # the gpu record of galore/main: a column of its own; the gpu-only claim appears, not-tested elsewhere
+    _record(records.report_dir("galore/main", "gpu"), "a", 2.5,
+            [{**galore[0], "verdict": "contradicted", "estimate": 1.2, "low": 1.15, "high": 1.25, "n": 5},
+             _new_claim("8bit-cut", "holds", accounting=True, paper=0.175, paper_source="Abstract")], [])
+    _record(records.report_dir("galore/main", "smoke"), "a", 9.0,  # smoke: never beside the papers
+            [_new_claim("smoke-only", "holds", paper=7.0, paper_source="Table 9")], [])
+    _record(records.report_dir("adalomo/main", "cpu"), "a", 1.0, [_new_claim("no-paper", "holds", paper=None)], [])
+    _record(records.report_dir("fedlrt/main", "cpu"), "a", 1.0,
+            [_new_claim("comm", "holds", accounting=True, paper=10.0, paper_source="Abstract (up to 10x)", n=1)], [])
+    _record(records.report_dir("getting_started", "cpu"), "a", 1.0,
+            [_new_claim("uses-context", "holds", paper=None)], [])
+    tables = _paper_section(reports.build_readme("cpu").read_text())
+    assert list(tables) == [reports.PAPER_TITLES["galore"], reports.PAPER_TITLES["adalomo"],
+                            reports.PAPER_TITLES["fedlrt"]]  # one per paper, none for the kit's own notebooks
+    head, *rows = tables[reports.PAPER_TITLES["galore"]]
+    assert head == ["notebook", "claim", "kind", "tested", "paper", "paper source", "kit (cpu)", "verdict (cpu)",
+                    "kit (gpu)", "verdict (gpu)"]  # cpu and gpu have records, smoke is left out
+    got = {(r[0], r[1]): dict(zip(head, r)) for r in rows}
+    # every claim with a paper value, keyed by notebook and claim; none without one; nothing from smoke
+    assert list(got) == [("galore/ablation", "galore-vs-full-rank"), ("galore/main", "galore-vs-full-rank"),
+                         ("galore/main", "state-smaller"), ("galore/main", "8bit-cut")]
+    main = got[("galore/main", "galore-vs-full-rank")]
+    assert (main["paper"], main["paper source"]) == ("1.024", "Table 2 (60M)")
+    assert main["kit (cpu)"] == "1 [0.9, 1.1], n=3" and main["verdict (cpu)"] == "holds"
+    assert main["kit (gpu)"] == "1.2 [1.15, 1.25], n=5" and main["verdict (gpu)"] == "contradicted"
+    assert got[("galore/ablation", "galore-vs-full-rank")]["kit (cpu)"] == "1.3 [1.2, 1.4], n=3"
+    assert got[("galore/ablation", "galore-vs-full-rank")]["kit (gpu)"] == "no record"
+    assert got[("galore/main", "state-smaller")]["kind"] == "accounting"
+    assert got[("galore/main", "state-smaller")]["kit (gpu)"] == "not tested"
+    assert got[("galore/main", "8bit-cut")]["kit (cpu)"] == "not tested"
+    assert got[("galore/main", "8bit-cut")]["paper"] == "0.175"
+    assert tables[reports.PAPER_TITLES["adalomo"]] == []  # records, but no paper value: said in a line, no table
+    fed_head, fed = tables[reports.PAPER_TITLES["fedlrt"]]
+    assert dict(zip(fed_head, fed))["kit (cpu)"] == "1 none (one seed), n=1" and "kit (gpu)" not in fed_head
+    text = reports.build_readme("cpu").read_text()
+    assert "No claim recorded for `adalomo/` carries a paper value" in text
+    section = "\n".join(text.splitlines()[:text.splitlines().index("## All claims")])
+    for absent in ("baseline-not-beaten", "no-paper", "uses-context", "smoke-only", "Table 9"):
+        assert absent not in section, absent
+
+
 def test_check_compares_boolean_flags_and_claim_verdicts(tmp_path, monkeypatch, capsys, sigterm_kept):
     from lrkit._lock import lock_digest
 
