@@ -66,7 +66,11 @@ data: setup
 # ... then the numeric guard: the smoke results nbval just computed must equal the committed smoke reference
 # (same seed, one thread; to a relative 1e-9, since float64 BLAS can differ in the last bit between processes); a change that alters a number fails until `make reproduce PROFILE=smoke`
 # regenerates and commits the reference.
-test: unit nbval
+# `make test` runs the unit tests and the notebooks in one pytest session, so that neither phase's tail leaves a
+# core idle (notebooks/conftest.py keeps each notebook whole on one worker); `make unit` / `make nbval` run one.
+NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=600
+test: setup data
+	$(PY) -m pytest -q -p no:cacheprovider -n $(UNIT_JOBS) --dist loadgroup $(NBVAL) tests notebooks
 	$(PY) -m lrkit.reports check --profile smoke
 # TEST_JOBS pytest workers side by side (pytest-xdist; default one per core, TEST_JOBS=0 for none): unit tests
 # one by one (tests sharing processes carry an xdist_group mark), each notebook whole on one worker.
@@ -77,8 +81,7 @@ UNIT_JOBS ?= $(if $(filter 0,$(TEST_JOBS)),0,$(shell echo $$(($(TEST_JOBS) + 1))
 unit: setup data
 	$(PY) -m pytest -q -n $(UNIT_JOBS) --dist loadgroup tests
 nbval: setup data
-	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile --nbval-lax --nbval-current-env \
-	  --nbval-cell-timeout=600 notebooks
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile $(NBVAL) notebooks
 # Tests that can fail: each mutant in tests/mutants/*.yaml breaks the code once; its test must then fail.
 mutants: setup data
 	$(PY) tests/run_mutants.py

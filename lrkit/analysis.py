@@ -150,6 +150,13 @@ def horizon(results_by_arm: dict, metric: str, tol: float, x: str = "step") -> t
         mean, lo, hi, n = interval([last_quarter_change(r, metric, x) for r in results])
         changes[arm] = (mean, lo, hi, n)
         if n < len(results) or not (np.isfinite(lo) and np.isfinite(hi) and -tol <= lo and hi <= tol):
-            flags[arm] = (f"{arm}: not converged at this horizon (last-quarter change of {metric} {mean:+.3g}, "
-                          f"95% CI [{lo:+.3g}, {hi:+.3g}], n={n}; converged: inside +/-{tol:g})")
+            if n == 0:
+                what = (f"no seed of {len(results)} has a last-quarter change of {metric} (fewer than 3 evaluations "
+                        "in its last quarter, or failed)")
+            else:
+                ci = f"95% CI [{lo:+.3g}, {hi:+.3g}]" if n > 1 else "one seed, no interval"
+                what = f"last-quarter change of {metric} {mean:+.3g}, {ci}, n={n}"
+                if n < len(results):
+                    what += f"; {len(results) - n} of {len(results)} seeds without one (too few evaluations, or failed)"
+            flags[arm] = f"{arm}: not converged at this horizon ({what}; converged: inside +/-{tol:g})"
     return changes, flags

@@ -81,7 +81,10 @@ def test_last_quarter_change_reads_the_last_quarter_only_and_horizon_flags_movin
                              "val_loss", tol=0.1)
     assert changes["moving"][0] < -1.9 and changes["moving"][3] == 3
     assert set(flags) == {"moving", "one-seed", "one-failed"}          # one seed: no interval, not shown settled
-    assert changes["one-failed"][3] == 2 and "n=2;" in flags["one-failed"]  # a run without a change counts
+    assert changes["one-failed"][3] == 2 and "n=2; 1 of 3 seeds without one" in flags["one-failed"]  # it counts
+    assert "one seed, no interval" in flags["one-seed"] and "nan" not in flags["one-seed"]
+    _, short = horizon({"short": [val([3.0, 2.0])] * 2}, "val_loss", tol=0.1)
+    assert "no seed of 2 has a last-quarter change" in short["short"] and "nan" not in short["short"]
     assert "not converged at this horizon" in flags["moving"]
     import pytest
     with pytest.raises(ValueError, match="tol"):

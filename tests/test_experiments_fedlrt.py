@@ -26,7 +26,7 @@ def _fake(arm, seed, **final):
 # ---------------------------------------------------------------------------------------- claims
 
 def test_claims_name_the_arms_their_suites_produce():
-    main = set(fedlrt.ls_arms(1, 1e-3)) | set(fedlrt.vision_arms(8, 0.02, 32))
+    main = set(fedlrt.ls_arms(1, 1e-3)) | set(fedlrt.vision_arms(8, 0.02, 32)) | set(fedlrt.cnn_arms(8, 0.02, 32))
     assert {a for c in fedlrt.CLAIMS["fedlrt"] for a in c.arms} <= main
     assert {a for c in fedlrt.CLAIMS["ablation_dynamic_rank"] for a in c.arms} == {
         "dynamic rank", "frozen basis", "fixed at initial rank", "fixed at settled rank"}
@@ -50,7 +50,8 @@ def test_claims_directions_margins_and_accounting():
             assert c.margin_reason, c.id
         if c.metric.startswith("accuracy") and (c.op == "between" or c.bound < 0):
             assert abs(c.bound) == claims.MARGINS["accuracy"][0] and c.margin_reason == claims.MARGINS["accuracy"][1]
-    assert {c.id for c in every if c.accounting} == {"vision-communication", "vision-client-compute"}
+    assert {c.id for c in every if c.accounting} == {"vision-communication", "vision-client-compute",
+                                                     "cnn-communication", "cnn-client-compute"}
     assert all(c.paper == 10.0 and c.paper_source for c in every if c.accounting)
 
 
@@ -206,9 +207,12 @@ def test_paired_note_is_the_t_interval_of_the_paired_differences():
 def test_tuning_then_every_suite_reads_its_rates(tmp_path, monkeypatch):
     monkeypatch.setattr(records, "REPORTS_DIR", tmp_path)
     out = records.report_dir("fedlrt/tuning", "cpu", root=tmp_path)
+    cnn = dict(width=2, hidden=4, train_size=90, test_size=30, rounds=2, points=2)
     chosen = fedlrt.tuning(out, center=0.1, points=2, factor=2.0, initial_rank=2, tau=0.1, r_max=4, fixed_ranks=[2],
-                           het_alphas=[0.1], het_train_size=90, het_rounds=2, **TINY)
-    assert list(chosen) == ["vision", "dynamic rank", "heterogeneity alpha=0.1"]
+                           het_alphas=[0.1], het_train_size=90, het_rounds=2, cnn=cnn, **TINY)
+    assert list(chosen) == ["vision", "dynamic rank", "heterogeneity alpha=0.1", "cnn"]
+    assert set(chosen["cnn"]) == set(fedlrt.CNN_ARMS)
+    assert chosen["cnn"]["CNN FeDLRT"]["problem"] == {"train_size": 90, "rounds": 2, "cnn_width": 2, "cnn_hidden": 4}
     assert set(chosen["vision"]) == {"FedAvg", "FedLin", "FeDLRT"}
     assert set(chosen["dynamic rank"]) == {"fixed r=2", "frozen basis"}
     assert set(chosen["heterogeneity alpha=0.1"]) == set(fedlrt.HETEROGENEITY_METHODS)
@@ -253,6 +257,7 @@ def test_tuning_then_every_suite_reads_its_rates(tmp_path, monkeypatch):
     assert all(runs[(f"alpha=0.1 {m}", 0)].config["lr"] == lr for m, lr in het.items())
     assert runs[("alpha=0.1 FedLin", 0)].config["lr_from"] == "heterogeneity alpha=0.1/FedLin"
     assert {"tau=0.1 frac=1", "tau=0.3 frac=1", "LS het=0 C=3 none", "select LS het=0 C=3 full"} <= set(runs.arms)
+    assert {r["config"]["model"] for r in rec if r["config"]["tuning"] == "cnn"} == {"cnn"}
     assert runs[("select LS het=0 C=3 full", TUNING_SEED)].seed == TUNING_SEED
     best, _ = fedlrt.heterogeneity_claim_runs(runs, [0.1], ls)
     verdicts = claims.evaluate_all(fedlrt.CLAIMS["heterogeneity"], best.measure)
@@ -261,7 +266,69 @@ def test_tuning_then_every_suite_reads_its_rates(tmp_path, monkeypatch):
     assert any(n.startswith("alpha=0.1 FeDLRT full - alpha=0.1 FeDLRT none, accuracy_tail") for n in notes)
     assert any("tau=0.3 frac=1 - tau=0.1 frac=1" in n for n in notes)
 
+    # fedlrt.ipynb's CNN arm with cnn["lr"] None: each arm at its own rate of group "cnn", on the CNN problem
+    cnn_main = dict(width=2, hidden=4, train_size=90, test_size=30, rounds=2, lr=None, seeds=[0])
+    runs = fedlrt.main(None, profile="cpu", seeds=[0], ls=dict(LS_TINY, rounds=2), ls_initial_rank=1, ls_tau=1e-3,
+                       vision=dict(TINY, rounds=1), lrs={m: 0.1 for m in fedlrt.METHODS}, initial_rank=2, tau=0.1,
+                       r_max=4, cnn=cnn_main)
+    for a in fedlrt.CNN_ARMS:
+        c = runs[(a, 0)].config
+        assert (c["lr"], c["lr_from"], c["model"]) == (chosen["cnn"][a]["lr"], f"cnn/{a}", "cnn")
+    assert not fedlrt.hand_set_flags(runs)
+
     # initial rank: one rate (FeDLRT's) for every arm; the claims' ends must be run
     with pytest.raises(ValueError, match="r0=16"):
         fedlrt.initial_rank(tmp_path / "i", profile="cpu", seeds=[0], vision=TINY, initial_ranks=[2, 4], tau=0.1,
                             r_max=4)
+
+
+# ---------------------------------------------------------------------------------------- the CNN arm and the horizon
+
+def _curve_run(arm, seed, slope, rounds=8):
+    h = [{"round": t, "test_accuracy": 0.5 + slope * t} for t in range(rounds + 1)]
+    return RunResult(name=arm, config={"arm": arm}, seed=seed, device="cpu", device_name="cpu", history=h, final={})
+
+
+def test_horizon_reads_the_last_quarter_of_the_rounds():
+    runs = Runs()
+    for s, slope in enumerate((0.001, 0.002, 0.0015)):
+        runs[("flat", s)] = _curve_run("flat", s, slope)
+        runs[("rising", s)] = _curve_run("rising", s, 10 * slope)
+    table, flags = fedlrt.horizon(runs, ["flat", "rising"], tol=0.01)
+    row = table.set_index("arm")
+    # rounds 6..8 are the last quarter of 0..8: change = slope x 2 rounds, in points
+    assert math.isclose(row.loc["flat", "last_quarter_change_points"], 100 * 2 * 0.0015, rel_tol=1e-9)
+    assert bool(row.loc["flat", "converged"]) and not bool(row.loc["rising", "converged"])
+    assert list(flags) == ["rising"] and "not converged at this horizon" in flags["rising"]
+
+
+def test_main_runs_the_cnn_arm_and_flags_only_the_accuracy_rows():
+    cnn = dict(width=2, hidden=4, train_size=TINY["train_size"], test_size=TINY["test_size"], rounds=4, lr=0.1,
+               seeds=[0, 1])
+    runs = fedlrt.main(None, profile="cpu", seeds=[0], ls=dict(LS_TINY, rounds=2), ls_initial_rank=1, ls_tau=1e-3,
+                       vision=dict(TINY, rounds=2), lrs={m: 0.1 for m in fedlrt.METHODS}, initial_rank=2, tau=0.1,
+                       r_max=4, cnn=cnn)
+    assert set(fedlrt.CNN_ARMS) <= set(runs.arms) and runs.measure("accuracy_tail")["CNN FeDLRT"].keys() == {0, 1}
+    for a in fedlrt.CNN_ARMS:
+        c = runs[(a, 1)].config
+        assert (c["model"], c["cnn_width"], c["lr"], c["lr_from"], c["rounds"]) == ("cnn", 2, 0.1, None, 4)
+    assert runs[("CNN FeDLRT", 0)].config["initial_rank"] == 2 and runs[("CNN FedAvg", 0)].final["ranks"] == {}
+    ranks = fedlrt.layer_ranks(runs)
+    assert ranks.layer.tolist() == ["conv1", "conv2", "fc1"]
+    assert ranks.full_rank.tolist() == [2, 4, 4] and ranks.initial_rank.tolist() == [2, 2, 2]
+    final = [[runs[("CNN FeDLRT", s)].final["ranks"][l] for s in (0, 1)] for l in ranks.layer]
+    assert ranks["rank"].tolist() == [float(np.mean(f)) for f in final]
+    verdicts, table = fedlrt.main_verdicts("cpu", runs)
+    assert [v.claim for v in verdicts] == [c.id for c in fedlrt.CLAIMS["fedlrt"]]
+    v = {v.claim: v for v in verdicts}
+    assert set(table.arm) == {"FeDLRT", "FedAvg", "CNN FeDLRT", "CNN FedAvg"}
+    # one seed of the MLP arms: never shown converged; the cost rows read no accuracy and carry no horizon flag
+    assert any("not converged at this horizon" in f for f in v["vision-accuracy"].flags)
+    assert not any("horizon" in f for k in ("vision-communication", "cnn-communication", "cnn-client-compute")
+                   for f in v[k].flags)
+    # the CNN arms ran at one hand-set rate: every row reading them says so, the MLP rows do not
+    assert all(any("hand-set" in f for f in v[k].flags) for k in ("cnn-accuracy", "cnn-communication"))
+    assert not any("hand-set" in f for f in v["vision-accuracy"].flags)
+    with pytest.raises(ValueError, match="Invalid cnn"):
+        fedlrt.main(None, profile="cpu", seeds=[0], ls=LS_TINY, ls_initial_rank=1, ls_tau=1e-3, vision=TINY,
+                    lrs={}, initial_rank=2, tau=0.1, r_max=4, cnn=dict(cnn, model="mlp"))

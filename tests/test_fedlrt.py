@@ -544,3 +544,76 @@ def test_factorising_keeps_the_dtype_and_float32_is_unchanged():
     assert torch.equal(fedlrt.aggregate(msgs)["S"], sum(wc * m["S"] for wc, m in zip(w, msgs)))
     msgs64 = [{k: v.double() for k, v in m.items()} for m in msgs]
     torch.testing.assert_close(fedlrt.aggregate(msgs64)["S"], _mean(msgs64)["S"], rtol=0, atol=1e-15)
+
+
+# ---------------------------------------------------------------------------------------- the factorised CNN
+
+@pytest.mark.parametrize("rank", [2, 5])
+def test_factorised_conv_equals_dense_conv_at_the_svd_of_its_kernel(rank):
+    """LowRankConv2d with U, S, V = the (truncated) SVD of the kernel as an out x (in k_h k_w) matrix is the conv
+    with that rank-r kernel: a non-square kernel, stride, padding and dilation catch a reshape in the wrong order."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), dtype=torch.float64)
+    W = conv.weight.detach().reshape(5, -1)
+    P, sigma, Qh = torch.linalg.svd(W, full_matrices=False)
+    U, S, V = P[:, :rank], torch.diag(sigma[:rank]), Qh[:rank].T
+    layer = LowRankConv2d(3, 5, (3, 2), rank, stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+    layer.set_factors(U, S, V)
+    layer.bias = nn.Parameter(conv.bias.detach().clone())
+    x = torch.randn(2, 3, 7, 9, dtype=torch.float64)
+    W_r = (U @ S @ V.T).reshape(conv.weight.shape)
+    torch.testing.assert_close(layer(x), torch.nn.functional.conv2d(x, W_r, conv.bias, (2, 1), (1, 2), (1, 2)))
+    torch.testing.assert_close(layer.weight_matrix(), U @ S @ V.T)
+    if rank == 5:  # full rank: the dense conv itself
+        torch.testing.assert_close(layer(x), conv(x))
+
+
+def test_small_cnn_factorises_every_layer_but_the_head():
+    from lrkit.fed.problems import CNN_DENSE, cnn
+
+    model = to_low_rank(cnn(1, width=4, hidden=8)(), rank=3, exclude=list(CNN_DENSE))
+    assert list(low_rank_layers(model)) == ["conv1", "conv2", "fc1"] and isinstance(model.head, nn.Linear)
+    assert {n: (m.n_out, m.n_in) for n, m in low_rank_layers(model).items()} == {
+        "conv1": (4, 9), "conv2": (8, 36), "fc1": (8, 8 * 7 * 7)}
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match="width"):
+        cnn(1, width=0)
+
+
+def test_cnn_flops_and_bytes_match_a_hand_count():
+    """One round on SmallCNN(width 2, hidden 4, 8 x 8 images, 3 classes), FedAvg and FeDLRT (full correction,
+    every factorised layer at rank 1, augmented to 2), against a count by hand of every exchanged float and of
+    2 x positions x (matrix FLOPs) per sample."""
+    from lrkit.fed.problems import CNN_DENSE, cnn
+
+    g = torch.Generator().manual_seed(0)
+    clients = [(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in (6, 9)]
+    net = cnn(1, classes=3, width=2, hidden=4, image_size=8)
+    steps, batch = 2, 4
+    # layers (n_out, n_in, positions): conv1 2 x 9 on 8 x 8, conv2 4 x 18 on 4 x 4, fc1 4 x 16, head 3 x 4 (dense)
+    layers = [(2, 9, 64), (4, 18, 16), (4, 16, 1)]
+    head = 2 * 3 * 4
+    dense_fwd = sum(2 * P * i * o for o, i, P in layers) + head
+    assert dense_fwd == 2304 + 2304 + 128 + 24
+    params = (2 * 9 + 2) + (4 * 18 + 4) + (4 * 16 + 4) + (3 * 4 + 3)
+    avg = run_fedavg(net, clients, 1, lr=0.05, local_steps=steps, batch_size=batch)["history"][1]
+    for c, (X, _) in enumerate(clients):
+        assert avg["flops"][c] == steps * 3 * min(batch, len(X)) * dense_fwd
+        assert (avg["floats_down"][c], avg["floats_up"][c]) == (params, params)
+        assert avg["bytes_down"][c] == avg["bytes_up"][c] == 4 * params
+
+    lr_fwd = lambda r: sum(2 * P * (i * r + r * r + r * o) for o, i, P in layers) + head
+    dense = 2 + 4 + 4 + (3 * 4 + 3)  # biases of the factorised layers and the head
+    rec = run_fedlrt(net, clients, 1, lr=0.05, local_steps=steps, batch_size=batch, initial_rank=1, r_max=1,
+                     exclude=list(CNN_DENSE), variance_correction="full", tau=0.0)["history"][1]
+    assert rec["ranks"] == {"conv1": 1, "conv2": 1, "fc1": 1}
+    sides = sum(o + i for o, i, _ in layers)  # one column of U and V per layer
+    # down: U, S, V + dense; U_bar, V_bar; the averaged dL/dS_tilde (2 x 2) + dense gradients
+    down = (sides + 3) + dense + sides + 3 * 4 + dense
+    # up: G_U, G_V; dL_c/dS_tilde + dense gradients; S_tilde + dense parameters
+    up = sides + (3 * 4 + dense) + (3 * 4 + dense)
+    for c, (X, _) in enumerate(clients):
+        n = len(X)
+        assert rec["flops"][c] == 3 * n * lr_fwd(1) + 3 * n * lr_fwd(2) + steps * 3 * min(batch, n) * lr_fwd(2)
+        assert (rec["floats_down"][c], rec["floats_up"][c]) == (down, up)
+        assert (rec["bytes_down"][c], rec["bytes_up"][c]) == (4 * down, 4 * up)

@@ -36,7 +36,7 @@ from lrkit.train import LMTrainConfig, train_lm
 from lrkit.utils import seed_everything
 
 __all__ = ["lm_corpus", "LM_CORPORA", "pretrain", "finetune", "federated", "run_all", "Runs", "run_name",
-           "final_metric", "tail_mean", "tune", "tuned", "edge_flags", "LMTrainConfig", "ClassifierTrainConfig"]
+           "final_metric", "tail_mean", "tune", "tuned", "edge_flag", "edge_flags", "LMTrainConfig", "ClassifierTrainConfig"]
 
 
 # The corpora a language-model notebook can name: Shakespeare offline (smoke and cpu profiles), C4 at gpu and
@@ -288,22 +288,26 @@ def tune(fn, methods: dict[str, dict], out, *, centers: dict[str, float], metric
     return chosen
 
 
+def edge_flag(label: str, chosen: dict) -> str | None:
+    """The flag text for one tuned arm (``chosen``: an entry of ``tune``'s result), named ``label`` in the row:
+    which edge of its grid its rate sits at and why, or None when the rate is interior."""
+    if not chosen.get("at_edge"):
+        return None
+    finite = [lr for lr, sc in zip(chosen["grid"], chosen["scores"]) if sc is not None]
+    side = "lower" if chosen["lr"] == min(finite) else "upper"
+    why = chosen.get("edge_reason") or "grid not extended (tuned before extension)"
+    return f"{label}: learning rate {chosen['lr']:.3g} at the {side} edge of its tuning grid ({why})"
+
+
 def edge_flags(paper: str, profile: str, group: str = "") -> dict:
     """{arm: flag text} for the arms of a tuning group whose chosen learning rate is still at the edge of its
-    grid after extension (``tune``): verdicts that read such a rate show the flag in their row
-    (``lrkit.claims.evaluate_all(..., flags=...)``). Empty when every chosen rate is interior."""
+    grid after extension (``tune``; text from :func:`edge_flag`): verdicts that read such a rate show the flag
+    in their row (``lrkit.claims.evaluate_all(..., flags=...)``). Empty when every chosen rate is interior."""
     path = records.tuning_record(paper, profile)
     if path is None:
         return {}
     groups = records.load(path).get("summary", {}).get("tuned", {})
-    flags = {}
-    for arm, t in groups.get(group, {}).items():
-        if t.get("at_edge"):
-            finite = [lr for lr, sc in zip(t["grid"], t["scores"]) if sc is not None]
-            side = "lower" if t["lr"] == min(finite) else "upper"
-            why = t.get("edge_reason") or "grid not extended (tuned before extension)"
-            flags[arm] = f"{arm}: learning rate {t['lr']:.3g} at the {side} edge of its tuning grid ({why})"
-    return flags
+    return {arm: text for arm, t in groups.get(group, {}).items() if (text := edge_flag(arm, t))}
 
 
 def tuned(paper: str, profile: str, group: str = "") -> dict:

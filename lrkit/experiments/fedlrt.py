@@ -7,7 +7,9 @@
   (``Claim.margin_reason``; accuracy equivalence and non-inferiority use ``lrkit.claims.MARGINS["accuracy"]``).
 * :data:`CLAIMS`: per notebook, the statements it tests (``lrkit.claims`` turns per-seed measurements
   into verdicts). tuning.ipynb has none: it only chooses learning rates.
-* Experiments: :func:`tuning` (every learning-rate sweep of the folder), :func:`main` (fedlrt.ipynb),
+* Experiments: :func:`tuning` (every learning-rate sweep of the folder), :func:`main` (fedlrt.ipynb: least
+  squares, the MLP, and the CNN arm with every convolution and hidden dense layer factorised, :data:`CLAIMS_CNN`;
+  its verdicts through :func:`main_verdicts`, which adds the horizon flags of :func:`horizon`),
   :func:`dynamic_rank`, :func:`initial_rank`, :func:`heterogeneity`; each builds its arms and calls
   ``lrkit.experiments.run_all`` (or ``tune``) with :class:`Vision` or :class:`LeastSquares`, which run one
   seed of one arm through ``lrkit.experiments.federated`` and add the read-outs the claims and tables name
@@ -88,6 +90,7 @@ HETEROGENEITY_METHODS = {"FedAvg": METHODS["FedAvg"], "FedLin": METHODS["FedLin"
                          "FeDLRT full": METHODS["FeDLRT"]}
 TUNING_GROUP = "vision"
 DYNAMIC_RANK_GROUP = "dynamic rank"
+CNN_GROUP = "cnn"  # fedlrt.ipynb part (c): CNN FedAvg and CNN FeDLRT on the CNN problem
 
 
 def heterogeneity_group(alpha: float) -> str:
@@ -128,6 +131,31 @@ CLAIMS_MAIN = [
           accounting=True, margin_reason="any saving: FeDLRT's clients also compute basis gradients every round, "
                                          "so less compute than FedAvg is not given"),
 ]
+
+# The CNN arm (fedlrt.ipynb part (c)): the same comparison on a network whose every convolution and hidden dense
+# layer is factorised (lrkit.fed.problems.SmallCNN), the paper's kind of model at CPU width.
+CNN_ARMS = ("CNN FedAvg", "CNN FeDLRT")
+CLAIMS_CNN = [
+    Claim("cnn-accuracy", "On a CNN with every convolution and hidden dense layer factorised, FeDLRT's global test "
+          "accuracy is within 2 points of FedAvg's on the same CNN shape (dense), either side, each at its learning "
+          "rate tuned in group 'cnn'.", "Abstract; Sec. 4 (factorised convolutional networks)", "accuracy_tail",
+          ("CNN FeDLRT", "CNN FedAvg"), op="between", bound=ACCURACY_MARGIN, lower_is_better=False,
+          margin_reason=ACCURACY_REASON),
+    Claim("cnn-communication", "On the CNN FeDLRT cuts the communication per client and round against FedAvg "
+          "(ratio FedAvg / FeDLRT > 1; the paper: up to 10x).", "Abstract; Sec. 4", "bytes_per_client_round",
+          ("CNN FedAvg", "CNN FeDLRT"), quantity="ratio", op=">", bound=1.0, paper=PAPER["cost_reduction_up_to"],
+          paper_source=PAPER_COST_SOURCE, accounting=True,
+          margin_reason="any saving: at CPU width (8 and 16 channels) the convolutions are barely wider than the rank "
+                        "truncation keeps, so the paper's order of magnitude is not expected"),
+    Claim("cnn-client-compute", "On the CNN FeDLRT needs less client compute per round than FedAvg (FLOPs ratio "
+          "FedAvg / FeDLRT > 1; the paper: up to 10x).", "Abstract; Sec. 4", "flops_per_client_round",
+          ("CNN FedAvg", "CNN FeDLRT"), quantity="ratio", op=">", bound=1.0, paper=PAPER["cost_reduction_up_to"],
+          paper_source=PAPER_COST_SOURCE, accounting=True,
+          margin_reason="any saving: FeDLRT's clients also compute basis and correction gradients on all local "
+                        "images every round, and a factorised 3x3 convolution is cheaper only when its rank is well "
+                        "below half of min(out_channels, in_channels * 9)"),
+]
+CLAIMS_MAIN = CLAIMS_MAIN + CLAIMS_CNN
 
 CLAIMS_DYNAMIC_RANK = [
     Claim("basis-learning-matters", "Learning the basis (augment with the basis gradients, truncate back to "
@@ -209,24 +237,32 @@ def client_state_floats(model, method: str, knobs: dict) -> int:
     return held + dense + correction
 
 
+MODELS = ("mlp", "cnn", "resnet18")
+
+
 class Vision:
     """``fn(name, seed=..., method=..., lr=..., **knobs)`` for ``run_all`` / ``tune``: one federated run on
-    the seed's image problem (a seeded subsample of ``dataset``, ``num_clients`` Dirichlet(``alpha``)
-    clients; an arm may override ``alpha``). ``validation``: evaluate on images held out of the training
-    split (never the test split) instead of the test set (for tuning). ``lr_from``: where the rate came from
-    ("<group>/<arm>" of the tuning record, or None), kept in the run's config. Adds to ``final``:
+    the seed's image problem with ``model`` one of :data:`MODELS` ("mlp": input-``hidden``-10, head dense; "cnn":
+    ``lrkit.fed.problems.SmallCNN`` of ``cnn_width`` / ``cnn_hidden``, every layer but the head factorised;
+    "resnet18" of ``resnet_width``, stem and head dense), a seeded subsample of ``dataset`` over ``num_clients``
+    Dirichlet(``alpha``) clients (an arm may override ``alpha``). ``validation``: evaluate on images held out of
+    the training split (never the test split) instead of the test set (for tuning). ``lr_from``: where the rate
+    came from ("<group>/<arm>" of the tuning record, or None), kept in the run's config. Adds to ``final``:
     ``accuracy_tail``, ``accuracy_auc``, ``client_state_floats`` (see the module docstring; the accuracy
     read-outs are None for a diverged run), ``mean_rank`` (FeDLRT: mean final rank over factorised layers),
     and per history row ``mean_rank``."""
 
-    def __init__(self, *, dataset="fashion_mnist", model="mlp", hidden=256, resnet_width=64, train_size=3000,
-                 test_size=1000, num_clients=10, alpha=0.5, rounds=10, local_steps=5, batch_size=32,
-                 tail_rounds=5, validation=False, device="cpu", chunk_size=None):
-        if model not in ("mlp", "resnet18"):
-            raise ValueError(f"Invalid model: {model!r} (expected 'mlp' or 'resnet18')")
+    def __init__(self, *, dataset="fashion_mnist", model="mlp", hidden=256, resnet_width=64, cnn_width=8,
+                 cnn_hidden=64, train_size=3000, test_size=1000, num_clients=10, alpha=0.5, rounds=10, local_steps=5,
+                 batch_size=32, tail_rounds=5, validation=False, device="cpu", chunk_size=None):
+        if model not in MODELS:
+            raise ValueError(f"Invalid model: {model!r} (expected one of {MODELS})")
         self.problem = dict(dataset=dataset, model=model, train_size=train_size, test_size=test_size,
                             num_clients=num_clients, alpha=alpha, validation=validation)
+        if model == "cnn":
+            self.problem |= dict(cnn_width=cnn_width, cnn_hidden=cnn_hidden)
         self.hidden, self.width, self.tail = hidden, resnet_width, tail_rounds
+        self.cnn = dict(width=cnn_width, hidden=cnn_hidden)
         self.run_kw = dict(rounds=rounds, local_steps=local_steps, batch_size=batch_size, weighted=True,
                            device=device, chunk_size=chunk_size)
         self._images, self._clients = {}, {}
@@ -272,6 +308,9 @@ class Vision:
     def model_fn(self, X):
         if self.problem["model"] == "mlp":
             return problems.mlp(X.shape[1], self.hidden), ["2"]  # the classifier head stays dense
+        if self.problem["model"] == "cnn":  # every convolution and the hidden dense layer factorised, head dense
+            fn = problems.cnn(X.shape[1], width=self.cnn["width"], hidden=self.cnn["hidden"], image_size=X.shape[-1])
+            return fn, list(problems.CNN_DENSE)
         return problems.resnet18(X.shape[1], width=self.width), list(problems.RESNET18_DENSE)
 
     def __call__(self, name, *, seed, method, lr, alpha=None, lr_from=None, **knobs):
@@ -374,7 +413,8 @@ def heterogeneity_arms(initial_rank: int, tau: float, r_max: int) -> dict:
 
 
 def tuning(out, *, center: float, points: int, factor: float, tail_rounds: int, initial_rank: int,
-           tau: float, r_max: int, fixed_ranks, het_alphas, het_train_size: int, het_rounds: int, **vision) -> dict:
+           tau: float, r_max: int, fixed_ranks, het_alphas, het_train_size: int, het_rounds: int,
+           cnn: dict | None = None, **vision) -> dict:
     """Every learning-rate sweep of the folder (``tuning.ipynb``), each through ``lrkit.experiments.tune``
     on the same ``points``-point grid ``factor`` apart around ``center`` (extended while the best rate sits at
     an edge), with the tuning seed, scored by the validation accuracy (mean of the last ``tail_rounds``
@@ -382,13 +422,17 @@ def tuning(out, *, center: float, points: int, factor: float, tail_rounds: int, 
     "vision" (FedAvg, FedLin, FeDLRT on ``vision``: fedlrt.ipynb's problem); "dynamic rank" (the fixed
     ranks ``fixed_ranks`` and the frozen basis, same problem; the dynamic arm is "vision"'s FeDLRT);
     "heterogeneity alpha=<a>" for each of ``het_alphas`` (FedAvg, FedLin, FeDLRT none / full on the
-    heterogeneity problem: ``vision`` with ``het_train_size`` images and ``het_rounds`` rounds). Returns
+    heterogeneity problem: ``vision`` with ``het_train_size`` images and ``het_rounds`` rounds); with ``cnn``
+    (keys :data:`CNN_TUNING_KEYS`), "cnn" (CNN FedAvg and CNN FeDLRT on the CNN problem of fedlrt.ipynb part (c),
+    :func:`cnn_sizes`, on ``cnn["points"]`` rates: both arms the same grid). Returns
     {group: {arm: chosen}} for ``records.save_summary(..., tuned=...)``; each chosen dict also names its
     ``problem``."""
-    sweep = dict(metric="accuracy_tail", points=points, factor=factor, lower_is_better=False)
+    if cnn is not None:
+        _check_keys("cnn", cnn, CNN_TUNING_KEYS)
+    sweep = dict(metric="accuracy_tail", factor=factor, lower_is_better=False)
 
-    def run(fn, arms, group, problem):
-        chosen = tune(fn, arms, out, centers={m: center for m in arms}, group=group, **sweep)
+    def run(fn, arms, group, problem, n=points):
+        chosen = tune(fn, arms, out, centers={m: center for m in arms}, group=group, points=n, **sweep)
         return {m: c | {"problem": problem} for m, c in chosen.items()}
 
     main_problem = {k: vision[k] for k in ("train_size", "rounds") if k in vision} | {"alpha": vision.get("alpha")}
@@ -402,6 +446,12 @@ def tuning(out, *, center: float, points: int, factor: float, tail_rounds: int, 
         arms = {m: kw | {"alpha": a} for m, kw in heterogeneity_arms(initial_rank, tau, r_max).items()}
         groups[heterogeneity_group(a)] = run(het, arms, heterogeneity_group(a),
                                              dict(train_size=het_train_size, rounds=het_rounds, alpha=a))
+    if cnn is not None:
+        sizes = cnn_sizes(cnn)
+        groups[CNN_GROUP] = run(Vision(validation=True, tail_rounds=tail_rounds, **(vision | sizes)),
+                                cnn_arms(initial_rank, tau, r_max), CNN_GROUP,
+                                {k: sizes[k] for k in ("train_size", "rounds", "cnn_width", "cnn_hidden")},
+                                n=cnn["points"])
     return groups
 
 
@@ -498,17 +548,134 @@ def ls_arms(initial_rank: int, tau: float, corrections=("none", "simplified", "f
                                               tau=tau) for vc in corrections}
 
 
+def cnn_arms(initial_rank: int, tau: float, r_max: int) -> dict:
+    """{arm: kwargs without lr}: the CNN arms of fedlrt.ipynb part (c), "CNN FedAvg" (the dense CNN) and "CNN
+    FeDLRT" (every convolution and the hidden dense layer factorised, full correction, the MLP arm's initial rank,
+    tau and r_max)."""
+    return {f"CNN {m}": kw for m, kw in vision_arms(initial_rank, tau, r_max, ("FedAvg", "FeDLRT")).items()}
+
+
+def cnn_sizes(cnn: dict) -> dict:
+    """:class:`Vision` keywords of the CNN problem from a ``cnn`` config (``width``, ``hidden``, ``train_size``,
+    ``test_size``, ``rounds``); every other size is the vision problem's."""
+    return dict(model="cnn", cnn_width=cnn["width"], cnn_hidden=cnn["hidden"], train_size=cnn["train_size"],
+                test_size=cnn["test_size"], rounds=cnn["rounds"])
+
+
+CNN_KEYS = ("width", "hidden", "train_size", "test_size", "rounds", "lr", "seeds")  # fedlrt.ipynb's cnn
+CNN_TUNING_KEYS = ("width", "hidden", "train_size", "test_size", "rounds", "points")  # tuning.ipynb's cnn
+
+
+def _check_keys(name: str, d: dict, keys) -> None:
+    if not isinstance(d, dict) or set(d) != set(keys):
+        got = sorted(d) if isinstance(d, dict) else repr(d)
+        raise ValueError(f"Invalid {name}: keys {got} (expected exactly {list(keys)})")
+
+
 def main(out, *, profile: str, seeds, ls: dict, ls_initial_rank: int, ls_tau: float, vision: dict, lrs: dict,
-         initial_rank: int, tau: float, r_max: int) -> Runs:
+         initial_rank: int, tau: float, r_max: int, cnn: dict | None = None) -> Runs:
     """``fedlrt.ipynb``: (a) least squares (``ls``: :class:`LeastSquares` sizes) with every method; (b) the
     vision problem (``vision``: :class:`Vision` sizes) with FedAvg, FedLin and FeDLRT (full correction) at
-    ``lrs`` ({method: lr or None = tuned, group "vision"}). Every arm on every seed. Returns one Runs (arms
-    "LS ..." and the method names)."""
+    ``lrs`` ({method: lr or None = tuned, group "vision"}); (c) with ``cnn`` (keys :data:`CNN_KEYS`; every other
+    size from ``vision``), :func:`cnn_arms` on the :class:`Vision` problem with model "cnn" (:func:`cnn_sizes`)
+    on ``cnn["seeds"]``, both arms at their rates tuned in group "cnn" (``cnn["lr"]`` None) or both at the one
+    hand-set rate ``cnn["lr"]``. Every arm on every seed. Returns one Runs (arms "LS ...", the method names and
+    "CNN ...")."""
+    if cnn is not None:
+        _check_keys("cnn", cnn, CNN_KEYS)
+        lr = cnn["lr"]
+        if lr is not None and not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0):
+            raise ValueError(f"Invalid cnn lr: {lr!r} (expected None = tuned in group {CNN_GROUP!r}, or a positive "
+                             "float, the same for both CNN arms)")
     rates = {m: (lr, None) if lr is not None else tuned_rate(profile, TUNING_GROUP, m) for m, lr in lrs.items()}
     a = run_all(LeastSquares(**ls), ls_arms(ls_initial_rank, ls_tau), out, seeds=seeds)
     arms = {m: kw | {"lr": rates[m][0], "lr_from": rates[m][1]}
             for m, kw in vision_arms(initial_rank, tau, r_max, tuple(lrs)).items()}
-    return a.merge(run_all(Vision(**vision), arms, out, seeds=seeds))
+    runs = a.merge(run_all(Vision(**vision), arms, out, seeds=seeds))
+    if cnn is not None:
+        arms = {}
+        for m, kw in cnn_arms(initial_rank, tau, r_max).items():
+            lr, src = (float(cnn["lr"]), None) if cnn["lr"] is not None else tuned_rate(profile, CNN_GROUP, m)
+            arms[m] = kw | {"lr": lr, "lr_from": src}
+        runs = runs.merge(run_all(Vision(**(vision | cnn_sizes(cnn))), arms, out, seeds=cnn["seeds"]))
+    return runs
+
+
+# The horizon check of the vision accuracy claims: an arm has converged when the 95 % interval of the last-quarter
+# change of its test accuracy lies inside +-HORIZON_TOL, a quarter of the accuracy margin the claims test.
+HORIZON_TOL = ACCURACY_MARGIN / 4
+HORIZON_CLAIMS = ("vision-accuracy", "cnn-accuracy")
+
+
+def horizon(runs: Runs, arms, tol: float = HORIZON_TOL) -> tuple[pd.DataFrame, dict]:
+    """``lrkit.analysis.horizon`` on the per-round test accuracy of ``arms`` (x = round). Returns (a table:
+    arm, last-quarter change of the test accuracy in points, its 95 % interval, n, converged) and {arm: flag}
+    for the arms not shown converged (inside +-``tol``)."""
+    from lrkit import analysis
+
+    arms = [a for a in arms if a in runs.arms]
+    changes, flags_ = analysis.horizon({a: runs.arm(a) for a in arms}, "test_accuracy", tol, x="round")
+    rows = [{"arm": a, "last_quarter_change_points": 100 * m, "lo": 100 * lo, "hi": 100 * hi, "n": n,
+             "tol_points": 100 * tol, "converged": a not in flags_} for a, (m, lo, hi, n) in changes.items()]
+    return pd.DataFrame(rows), flags_
+
+
+def hand_set_flags(runs: Runs, arms=CNN_ARMS) -> dict:
+    """{arm: flag} for the arms of ``arms`` in ``runs`` whose learning rate was set by hand (``config["lr_from"]``
+    None): a CNN arm run at the one hand-set rate (``cnn["lr"]`` given) is not tuned, so every verdict reading it
+    says so in its row."""
+    out = {}
+    for a in arms:
+        rs = runs.arm(a) if a in runs.arms else []
+        if rs and not rs[0].config.get("lr_from"):
+            out[a] = (f"{a}: learning rate hand-set ({rs[0].config['lr']:g}, the same for both CNN arms), "
+                      "untuned for both arms")
+    return out
+
+
+def main_verdicts(profile: str, runs: Runs, tol: float = HORIZON_TOL) -> tuple[list, pd.DataFrame]:
+    """The verdicts of fedlrt.ipynb: every claim with the edge-of-grid flags (:func:`flags`); the accuracy
+    claims (:data:`HORIZON_CLAIMS`) also with the horizon flags of their arms (:func:`horizon`: "not converged
+    at this horizon" where the last-quarter change of the test accuracy is not shown inside +-``tol``). The cost
+    rows do not read the accuracy, so they carry no horizon flag. Every row reading an arm with a hand-set rate
+    (the CNN arms, :func:`hand_set_flags`) says so. Returns (verdicts, the horizon table)."""
+    from lrkit import claims as claims_
+
+    edge = flags(profile, runs)
+    for a, text in hand_set_flags(runs).items():
+        edge[a] = "; ".join(t for t in (edge.get(a), text) if t)
+    acc = [c for c in CLAIMS["fedlrt"] if c.id in HORIZON_CLAIMS]
+    table, hflags = horizon(runs, list(dict.fromkeys(a for c in acc for a in c.arms)), tol)
+    merged = {a: "; ".join(t for t in (edge.get(a), hflags.get(a)) if t) for a in set(edge) | set(hflags)}
+    by_id = {v.claim: v for v in claims_.evaluate_all(acc, runs.measure, flags=merged)}
+    by_id |= {v.claim: v for v in claims_.evaluate_all([c for c in CLAIMS["fedlrt"] if c.id not in HORIZON_CLAIMS],
+                                                       runs.measure, flags=edge)}
+    return [by_id[c.id] for c in CLAIMS["fedlrt"]], table
+
+
+def layer_ranks(runs: Runs, arm: str = "CNN FeDLRT") -> pd.DataFrame:
+    """The rank each factorised layer of ``arm`` settles at: one row per layer with its shape as a matrix
+    (n_out x n_in; convolutions out_channels x in_channels k k), the largest rank it can hold min(n_out, n_in),
+    and the final rank's mean, min and max over seeds (round 0: the initial rank)."""
+    from lrkit.fed.layers import low_rank_layers
+    from lrkit.fed.simulate import build_model
+
+    rs = [r for r in runs.arm(arm) if r.final.get("ranks")] if arm in runs.arms else []
+    if not rs:
+        return pd.DataFrame(columns=["layer", "n_out", "n_in", "full_rank", "initial_rank", "rank", "rank_min",
+                                     "rank_max", "n"])
+    c = rs[0].config
+    channels, size = (1, 28) if c["dataset"] == "fashion_mnist" else (3, 32)
+    fn = problems.cnn(channels, width=c["cnn_width"], hidden=c["cnn_hidden"], image_size=size)
+    shapes = {n: (m.n_out, m.n_in) for n, m in low_rank_layers(
+        build_model(fn, 0, initial_rank=1, exclude=list(problems.CNN_DENSE))).items()}
+    rows = []
+    for layer, (n_out, n_in) in shapes.items():
+        final = [r.final["ranks"][layer] for r in rs]
+        rows.append({"layer": layer, "n_out": n_out, "n_in": n_in, "full_rank": min(n_out, n_in),
+                     "initial_rank": rs[0].history[0]["ranks"][layer], "rank": float(np.mean(final)),
+                     "rank_min": min(final), "rank_max": max(final), "n": len(final)})
+    return pd.DataFrame(rows)
 
 
 def ls_table(runs: Runs) -> pd.DataFrame:
@@ -520,6 +687,38 @@ def ls_table(runs: Runs) -> pd.DataFrame:
 
 VISION_METRICS = ("accuracy_tail", "accuracy_auc", "mean_rank", "client_state_floats", "bytes_per_client_round",
                   "flops_per_client_round")
+
+
+def plot_vision(runs: Runs, table: pd.DataFrame, ranks: pd.DataFrame):
+    """fedlrt.ipynb's vision figure: test accuracy over rounds (MLP arms; CNN arms), communication and client
+    compute per client and round (every vision arm of ``table``, with 95 % intervals), the mean rank of the
+    FeDLRT arms over rounds, and the final rank of each factorised CNN layer (``ranks``, :func:`layer_ranks`)
+    against the largest it can hold. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    from lrkit import plots
+
+    fig, ax = plt.subplots(2, 3, figsize=(20, 9))
+    mlp = [a for a in table.arm if not a.startswith("CNN ")]
+    plots.curves(runs, y="test_accuracy", x="round", ax=ax[0, 0], arms=mlp, title="Test accuracy (MLP)")
+    plots.curves(runs, y="test_accuracy", x="round", ax=ax[0, 1], arms=[a for a in CNN_ARMS if a in runs.arms],
+                 title="Test accuracy (CNN, every layer but the head factorised)")
+    for a, col, what in ((ax[0, 2], "MB_per_client_round", "Communication"), (ax[1, 0], "MFLOPs_per_client_round",
+                                                                               "Client compute")):
+        plots.bars(table, x="arm", y=col, lo=col + "_lo", hi=col + "_hi", ax=a, title=f"{what} per client and round")
+        a.set(xlabel="arm", ylabel=col.replace("_", " "))
+        a.tick_params(axis="x", rotation=20)
+    fed = [a for a in ("FeDLRT", "CNN FeDLRT") if a in runs.arms]
+    plots.curves(runs, y="mean_rank", x="round", ax=ax[1, 1], arms=fed, title="FeDLRT rank over rounds")
+    ax[1, 1].set_ylabel("mean rank of the factorised layers")
+    if len(ranks):
+        plots.bars(ranks, x="layer", y="rank", ax=ax[1, 2], title="CNN FeDLRT: final rank per layer (mean over seeds)")
+        ax[1, 2].scatter(ranks.layer, ranks.full_rank, marker="_", s=400, color="black", zorder=3,
+                         label="full rank min(n_out, n_in)")
+        ax[1, 2].legend(fontsize=8)
+        ax[1, 2].set_ylabel("rank")
+    fig.tight_layout()
+    return fig
 
 
 def vision_table(runs: Runs, arms=None) -> pd.DataFrame:
@@ -545,6 +744,16 @@ def main_notes(runs: Runs, budget_words: str) -> list[str]:
     notes = [f"Vision: {budget_words}.",
              "Least squares, final FeDLRT rank over seeds (the optimum's rank is the target's): "
              + "; ".join(f"{a.removeprefix('LS ')}: {v}" for a, v in ranks.items()) + "."]
+    if "CNN FeDLRT" in runs.arms and "CNN FedAvg" in runs.arms:
+        cs = {a: runs.arm(a)[0].config for a in CNN_ARMS}  # lr and lr_from kept in config by `federated`
+        c = cs["CNN FeDLRT"]
+        how = (f"both arms at one hand-set learning rate {c['lr']:g} (untuned for both)" if not c.get("lr_from")
+               else "learning rates tuned in group 'cnn' (" + ", ".join(f"{a} {v['lr']:.3g}" for a, v in cs.items())
+               + ")")
+        notes.append(f"CNN (part (c)): {how}, {c['rounds']} rounds, {c['train_size']} training images, width "
+                     f"{c['cnn_width']}, hidden {c['cnn_hidden']}, {len(runs.arm('CNN FeDLRT'))} seed(s).")
+        notes.append(paired_note(runs, "accuracy_tail", "CNN FeDLRT", "CNN FedAvg", scale=100, unit=" points"))
+        notes.append(paired_note(runs, "accuracy_auc", "CNN FeDLRT", "CNN FedAvg", scale=100, unit=" points"))
     for a in ("FedLin", "FeDLRT"):
         if a in runs.arms:
             notes.append(paired_note(runs, "accuracy_tail", a, "FedAvg", scale=100, unit=" points"))

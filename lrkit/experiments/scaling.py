@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from lrkit.claims import MARGINS, Claim, interval
-from lrkit.experiments import LMTrainConfig, Runs, lm_corpus, run_all, tune
+from lrkit.experiments import LMTrainConfig, Runs, edge_flag, lm_corpus, run_all, tune
 
 PPL_MARGIN, PPL_REASON = MARGINS["perplexity"]
 TREND_BOUND = math.log(PPL_MARGIN)  # per decade of parameters: the kit's perplexity margin per tenfold
@@ -191,14 +191,8 @@ def ratio_table(ladder: Ladder, pairs, paper: dict | None = None, metric: str = 
 def flags(ladder: Ladder, pairs) -> dict:
     """``flags`` for ``evaluate_all``: {"<size> <arm>": text} for every arm whose chosen rate at that size is
     still at the edge of its grid after extension, and for each trend arm the texts of the arms it reads."""
-    out = {}
-    for size, arms in ladder.tuned.items():
-        for arm, t in arms.items():
-            if t["at_edge"]:
-                finite = [lr for lr, sc in zip(t["grid"], t["scores"]) if sc is not None]
-                side = "lower" if t["lr"] == min(finite) else "upper"
-                out[f"{size} {arm}"] = (f"{size} {arm}: learning rate {t['lr']:.3g} at the {side} edge of its "
-                                        f"tuning grid ({t['edge_reason']})")
+    out = {f"{size} {arm}": text for size, arms in ladder.tuned.items() for arm, t in arms.items()
+           if (text := edge_flag(f"{size} {arm}", t))}
     for a, b in pairs:
         texts = [out[f"{s} {x}"] for s in ladder.params for x in (a, b) if f"{s} {x}" in out]
         if texts:

@@ -1,6 +1,7 @@
 """The federated problems: the least-squares test of arXiv 2406.17887 Sec. 4.1 (its generator is
 ``lrkit.data.synthetic.least_squares``, re-exported here), seeded image-classification subsets split across
-clients by a Dirichlet label mix, and the models the paper trains on them (an MLP, ResNet18).
+clients by a Dirichlet label mix, and the models the paper trains on them (an MLP, ResNet18) plus a small CNN
+(`cnn`) for CPU-scale runs with every convolution and dense layer but the head factorised.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from lrkit.data.synthetic import least_squares, rank_constrained_minimiser  # the generator lives with the data
 
 __all__ = ["least_squares", "rank_constrained_minimiser", "image_classification", "dirichlet_clients", "mlp",
-           "resnet18", "RESNET18_DENSE"]
+           "resnet18", "RESNET18_DENSE", "cnn", "CNN_DENSE", "SmallCNN"]
 
 
 def image_classification(dataset: str = "fashion_mnist", train_size: int = 6000, test_size: int = 2000,
@@ -104,3 +105,37 @@ def resnet18(in_channels: int = 3, classes: int = 10, width: int = 64):
     if width < 2 or width % 2:
         raise ValueError(f"Invalid width: {width!r} (expected an even int >= 2, for 2 GroupNorm groups)")
     return lambda: ResNet18(in_channels, classes, width)
+
+
+# SmallCNN layers kept dense by FeDLRT: the classifier head only (every convolution and the hidden dense layer
+# are factorised, as in the paper's vision networks, whose last layer stays full rank).
+CNN_DENSE = ("head",)
+
+
+class SmallCNN(torch.nn.Module):
+    """conv3x3(C_in -> w) - ReLU - maxpool 2 - conv3x3(w -> 2w) - ReLU - maxpool 2 - Linear(2w (H/4)(W/4) ->
+    hidden) - ReLU - Linear(hidden -> classes) ("head"). No normalisation layer (nothing for federated
+    averaging to mishandle). A CPU-sized stand-in for the paper's AlexNet / VGG16 shape (convolutions, then
+    dense layers); the paper's own networks are ResNet18 / AlexNet / VGG16 (`resnet18` here)."""
+
+    def __init__(self, in_channels: int = 1, classes: int = 10, width: int = 8, hidden: int = 64,
+                 image_size: int = 28):
+        super().__init__()
+        nn = torch.nn
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, 1, 1)
+        self.fc1 = nn.Linear(2 * width * (image_size // 4) ** 2, hidden)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        x = torch.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)
+        return self.head(torch.relu(self.fc1(x.flatten(1))))
+
+
+def cnn(in_channels: int = 1, classes: int = 10, width: int = 8, hidden: int = 64, image_size: int = 28):
+    """A builder for `SmallCNN`; factorise with exclude=CNN_DENSE."""
+    for k, v in (("width", width), ("hidden", hidden), ("image_size", image_size)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < (4 if k == "image_size" else 1):
+            raise ValueError(f"Invalid {k}: {v!r} (expected an int >= {4 if k == 'image_size' else 1})")
+    return lambda: SmallCNN(in_channels, classes, width, hidden, image_size)
