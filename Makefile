@@ -66,11 +66,8 @@ data: setup
 # ... then the numeric guard: the smoke results nbval just computed must equal the committed smoke reference
 # (same seed, one thread; to a relative 1e-9, since float64 BLAS can differ in the last bit between processes); a change that alters a number fails until `make reproduce PROFILE=smoke`
 # regenerates and commits the reference.
-# `make test` runs the unit tests and the notebooks in one pytest session, so that neither phase's tail leaves a
-# core idle (notebooks/conftest.py keeps each notebook whole on one worker); `make unit` / `make nbval` run one.
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=600
-test: setup data
-	$(PY) -m pytest -q -p no:cacheprovider -n $(UNIT_JOBS) --dist loadgroup $(NBVAL) tests notebooks
+test: unit nbval
 	$(PY) -m lrkit.reports check --profile smoke
 # TEST_JOBS pytest workers side by side (pytest-xdist; default one per core, TEST_JOBS=0 for none): unit tests
 # one by one (tests sharing processes carry an xdist_group mark), each notebook whole on one worker.
