@@ -1,4 +1,4 @@
-"""Sharded data parallelism with FSDP2 (``torch.distributed.fsdp.fully_shard``), issue 21 -- first slice.
+"""Sharded data parallelism with FSDP2 (``torch.distributed.fsdp.fully_shard``), issue 21: the library API.
 
 ``wrap(method, model, optimizer)`` shards every decoder layer and then the root module of a LLaMA (or any model:
 the root alone) with ``fully_shard``: each parameter becomes a DTensor split by rows (dim 0) over the ranks,
@@ -13,37 +13,50 @@ What each step reduces (besides FSDP's all-gather of parameters and reduce-scatt
 * GaLore (``proj_type`` "std", "reverse_std", "left", "right", "full"; ``moments_on_switch`` "keep" or "reset";
   any ``proj_method`` but "online_pca"), for an m x n weight whose rows are sharded, G = [G_0; G_1; ...]:
     - at a projector refresh (step 0 and every T steps): one all-gather of G (m x n floats), then the projector
-      exactly as one process computes it (same input, same factorisation); P (m x r) and Q (r x n) are held
-      whole on every rank (r (m + n) floats, replicated);
-    - right projection (Q, the "std" side when m >= n): R_i = G_i Q^T is local, and so are the moments
-      (rows_i x r) and the update (N_i Q): no collective;
-    - left projection (P, "std" when m < n): R = P^T G = sum_i P_i^T G_i, one all-reduce of r x n floats per
-      step (P_i: this rank's rows of P); the moments are r x n, the same on every rank; the update P_i N is local;
-    - "full": R = sum_i P_i^T G_i Q^T, one all-reduce of r x r.
+      exactly as one process computes it (same input, same factorisation); each rank then keeps its rows of P
+      (m x r) and its torch.chunk part of Q's r rows;
+    - right projection (Q, the "std" side when m >= n): one all-gather of Q (r x n) per step; R_i = G_i Q^T, the
+      moments (rows_i x r) and the update N_i Q are local;
+    - left projection (P, "std" when m < n): R = P^T G = sum_i P_i^T G_i, one all-reduce of r x n per step; each
+      rank keeps the moments of its part of R's n columns, and one all-gather of N's columns (r x n) gives
+      every rank the whole N for its update P_i N;
+    - "full": the same with R = sum_i P_i^T G_i Q^T (r x r), plus Q's all-gather.
 
 Checkpoints (:func:`save_checkpoint`, :func:`load_checkpoint`) go through ``torch.distributed.checkpoint``: each
 rank writes its shards, and the optimizer state is described in one process's layout (whole P, Q and moments as
 GaLoreAdamW holds them, each a DTensor over its sharded dimension), so a checkpoint saved on any number of ranks
 loads on any other, a single unsharded process included.
 
-Not in this slice (``wrap`` refuses them by name): the in-backward optimizers (per-layer GaLore, AdaLomo, LOMO),
-Adafactor (its column statistics need an all-reduce), ReLoRA (merges into sharded weights), GaLore 8-bit, the
-"online_pca" projector and the "rotate" / "ldadam" moment transports.
+Optimizers that update inside backward (per-layer GaLore, AdaLomo, LOMO; fused or not): FSDP2 calls each sharded
+parameter's post-accumulate-grad hook with its reduce-scattered, averaged gradient, so the hooks reduce no gradient
+(:class:`ShardedInBackward`); global-norm clipping adds one scalar all-reduce (two-pass: in the norm pass;
+deferred and unfused: once the step's gradients are in). AdaLomo per parameter and step: an all-reduce of the
+column sums of G^2 (m floats) and an all-gather of the column factor (m floats; each rank keeps its part), and
+three scalar all-reduces (mean of the row factor, RMS of the update, RMS of the weight). LOMO: element-wise.
+
+Not in this slice (``wrap`` refuses them by name): Adafactor (transformers' class), ReLoRA (merges adapters into
+sharded weights), GaLore 8-bit, the "online_pca" projector, the "rotate" / "ldadam" moment transports, AdaLomo's
+rank-k / "svd" / "qr" second moments and "global" / "layer" normalisations, checkpoints of the in-backward
+optimizers' state, and ``lrkit.train``'s recipe key (the CLI still runs DDP).
 """
 from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
-from lrkit.optim.galore import GaLoreAdamW, project_back, projector_side
+from lrkit.optim.adalomo import AdaLomo
+from lrkit.optim.galore import GaLoreAdamW, PerLayerGaLore, project_back, projector_side
+from lrkit.optim.in_backward import InBackwardOptimizer, NonFiniteGradient
+from lrkit.optim.lomo import Lomo
+from lrkit.utils import all_finite
 
-SUPPORTED_METHODS = ("full", "galore", "lora", "low_rank")
-NOT_YET = {"galore_per_layer": "updates inside backward", "adalomo": "updates inside backward",
-           "lomo": "updates inside backward", "adafactor": "its column statistics need an all-reduce",
+SUPPORTED_METHODS = ("full", "galore", "galore_per_layer", "lora", "low_rank", "adalomo", "lomo")
+NOT_YET = {"adafactor": "transformers' Adafactor reads whole rows and columns of each parameter",
            "relora": "it merges adapters into sharded weights", "galore_8bit": "8-bit states are CUDA-only"}
 
 
@@ -160,6 +173,127 @@ class ShardedGaLoreAdamW(GaLoreAdamW):
                    if torch.is_tensor(v))
 
 
+# ---- optimizers that update inside backward: FSDP2 calls each sharded parameter's post-accumulate-grad hook
+# with its reduce-scattered (already averaged) gradient; what needs the whole parameter is reduced here.
+class ShardedInBackward(InBackwardOptimizer):
+    """The hook base (lrkit/optim/in_backward.py) on FSDP2's sharded parameters: no gradient all-reduce
+    (FSDP2's reduce-scatter averaged it), global-norm clipping from the local squared norms plus one all-reduce
+    of a scalar (two-pass: in the norm pass; deferred / unfused: when the step's gradients are all there), and
+    the update applied to this rank's rows (``_update_param`` receives the local gradient)."""
+
+    def _reduce(self, grad):
+        return None  # FSDP2 reduce-scattered and averaged it before the hook
+
+    def _global_clip_coef(self, params):
+        sq = torch.stack([local(q.grad).detach().float().square().sum() for q in params]).sum()
+        dist.all_reduce(sq, group=_group(params[0]))
+        return (self.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+
+    @contextmanager
+    def grad_norm_pass(self):
+        with super().grad_norm_pass():
+            yield self
+            sq = torch.stack(self._sq_norms).sum() if self._sq_norms else torch.zeros(())
+            dist.all_reduce(sq, group=_group(self.param_groups[0]["params"][0]))  # every rank's: the global norm
+            self._sq_norms[:] = [sq]
+
+    def _on_grad(self, p):
+        if self._sq_norms is not None and not self._paused and p.grad is not None and id(p) in self._handles:
+            self._sq_norms.append(local(p.grad).detach().float().square().sum())  # pass 1: measure, drop
+            p.grad = None
+            return
+        super()._on_grad(p)
+
+    def _consume(self, p, coef):
+        grad = local(p.grad)
+        if not all_finite(grad):
+            raise NonFiniteGradient(p, f"non-finite gradient (NaN or Inf) in a {tuple(p.shape)} parameter, "
+                                       f"index {self._order[id(p)]} of the optimizer's parameters")
+        if self.fused:
+            p.grad = None
+        if coef is not None:
+            grad = grad.to(torch.float32) * coef
+        with torch.no_grad():
+            self._update_param(p, grad)
+        self._stepped.add(id(p))
+        self._held.discard(id(p))
+
+
+def _group(p):
+    return p.device_mesh.get_group()
+
+
+def _all_sum(t, p):
+    dist.all_reduce(t, group=_group(p))
+    return t
+
+
+class ShardedLomo(ShardedInBackward, Lomo):
+    """LOMO on this rank's rows (element-wise: no collective beyond the clipping norm)."""
+
+    def _update(self, p, g, group):
+        return Lomo._update(self, local(p), g, group)
+
+
+class ShardedAdaLomo(ShardedInBackward, AdaLomo):
+    """AdaLomo (rank-1 factored second moment, "grouped" normalisation) on this rank's rows of an n x m weight.
+    Per parameter and step: the column statistic mean_rows(G^2 + eps1) needs one all-reduce of m floats (each
+    rank keeps its torch.chunk part of c, then an all-gather of m floats), mean(r) one scalar, the grouped
+    normalisation RMS(U) one scalar and the relative step RMS(theta) one scalar; the row statistic r, the
+    vectors' v and the update are local."""
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        g = self.param_groups[-1]
+        if g["normalization"] not in ("grouped", "none") or g["second_moment"] not in ("nmf", "full") \
+                or (g["second_moment"] == "nmf" and g["factor_rank"] != 1):
+            raise NotImplementedError("AdaLomo under FSDP2 (issue 21): supported normalization 'grouped' / 'none' "
+                                      "and second_moment 'nmf' at factor_rank 1 or 'full'")
+
+    def _update(self, p, g, group):
+        if not isinstance(p, DTensor):
+            return AdaLomo._update(self, p, g, group)
+        state = self.state[p]
+        shapes = self._state_shapes(p, group)
+        w = local(p)
+        if not state:
+            state["step"] = 0
+            for name, shape in shapes.items():  # v, r: this rank's rows; c: its torch.chunk part of the columns
+                state[name] = _local_zeros(shape, 0, p).float()
+        t = state["step"] + 1
+        beta2 = 1.0 - t ** group["decay_rate"]
+        S = g.square().add_(group["eps"][0])
+        if "v" in state:
+            U = state["v"].mul_(beta2).add_(S, alpha=1 - beta2).rsqrt().mul_(g)
+        else:
+            n, m = p.shape
+            r = state["r"].mul_(beta2).add_(S.mean(-1), alpha=1 - beta2)
+            col = _all_sum(S.sum(-2), p).div_(n)  # mean over all n rows
+            a, k = chunk_range(m, p.device_mesh.size(), p.device_mesh.get_local_rank())
+            state["c"].mul_(beta2).add_(col[a:a + k], alpha=1 - beta2)
+            c = gather_rows(state["c"], m, _group(p))
+            del S
+            mean_r = _all_sum(r.sum(), p) / n
+            U = (r / mean_r).rsqrt_().unsqueeze(-1).mul(c.unsqueeze(-2).rsqrt()).mul_(g)
+        state["step"] += 1
+        N = p.numel()
+        if group["normalization"] != "none":
+            rms = _all_sum(U.square().sum(), p).div_(N).sqrt_()
+            U.div_((rms / group["clip_threshold"]).clamp(min=1.0))
+        w32 = w.to(torch.float32)
+        rms_w = _all_sum(w32.square().sum(), p).div_(N).sqrt_()
+        eta = group["lr"] * rms_w.clamp(min=group["eps"][1])
+        if group["weight_decay"]:
+            w32.mul_(1 - eta * group["weight_decay"])
+        w32.sub_(U.mul_(eta))
+        if w32 is not w:
+            w.copy_(w32)
+
+
+class ShardedPerLayerGaLore(ShardedInBackward, PerLayerGaLore, ShardedGaLoreAdamW):
+    """Per-layer GaLore on FSDP2: the hook base above, ShardedGaLoreAdamW's update of one parameter."""
+
+
 def _shard_modules(model: torch.nn.Module, mp_policy) -> None:
     from torch.distributed.fsdp import fully_shard
 
@@ -181,9 +315,9 @@ def wrap(method: str, model: torch.nn.Module, optimizer: GaLoreAdamW):
         raise ValueError(f"Invalid method: {method!r} (expected one of {SUPPORTED_METHODS})")
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("FSDP2 needs an initialised process group: call lrkit.distributed.init() under torchrun")
-    if type(optimizer) is not GaLoreAdamW:
-        raise TypeError(f"Invalid optimizer: {type(optimizer).__name__} (expected lrkit's GaLoreAdamW, as "
-                        f"lrkit.methods.prepare builds for {SUPPORTED_METHODS})")
+    if type(optimizer) not in _SHARDED:
+        raise TypeError(f"Invalid optimizer: {type(optimizer).__name__} (expected one lrkit.methods.prepare builds "
+                        f"for {SUPPORTED_METHODS}: {sorted(c.__name__ for c in _SHARDED)})")
     if optimizer.state:
         raise ValueError("the optimizer has state already: wrap before the first step")
     names = {id(p): n for n, p in model.named_parameters()}
@@ -193,10 +327,24 @@ def wrap(method: str, model: torch.nn.Module, optimizer: GaLoreAdamW):
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if isinstance(optimizer, InBackwardOptimizer):
+        optimizer.remove_hooks()  # the old parameters leave the model
     _shard_modules(model, mp)
     sharded = dict(model.named_parameters())
     new_groups = [g | {"params": [sharded[n] for n in ns]} for g, ns in groups]
-    return model, ShardedGaLoreAdamW(new_groups, **optimizer.defaults, seed=optimizer.seed)
+    kw = dict(optimizer.defaults)
+    if isinstance(optimizer, GaLoreAdamW):
+        kw["seed"] = optimizer.seed
+    if isinstance(optimizer, InBackwardOptimizer):  # FSDP2 averaged the gradient: the hooks reduce nothing
+        kw |= dict(max_grad_norm=optimizer.max_grad_norm, accumulation_steps=optimizer.accumulation_steps,
+                   clipping=optimizer.clipping, reduction="none")
+        if not isinstance(optimizer, PerLayerGaLore):
+            kw["fused"] = optimizer.fused
+    return model, _SHARDED[type(optimizer)](new_groups, **kw)
+
+
+_SHARDED = {GaLoreAdamW: ShardedGaLoreAdamW, PerLayerGaLore: ShardedPerLayerGaLore, AdaLomo: ShardedAdaLomo,
+            Lomo: ShardedLomo}
 
 
 # ---- checkpoints: the optimizer state in one process's layout -----------------------------------------------
@@ -251,6 +399,12 @@ def optimizer_state_dict(model: torch.nn.Module, optimizer: GaLoreAdamW) -> dict
     return out
 
 
+def _check_checkpointable(optimizer) -> None:
+    if not isinstance(optimizer, GaLoreAdamW):
+        raise NotImplementedError(f"sharded checkpoints of {type(optimizer).__name__} (issue 21): not supported yet; "
+                                  "supported: GaLoreAdamW and its sharded / per-layer variants")
+
+
 def save_checkpoint(path, model: torch.nn.Module, optimizer: GaLoreAdamW, extra: dict | None = None) -> None:
     """Write model parameters, optimizer state (:func:`optimizer_state_dict`) and ``extra`` (small JSON values,
     e.g. the step) to the directory ``path`` with torch.distributed.checkpoint: every rank its shards."""
@@ -258,6 +412,7 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer: GaLoreAdamW, extra:
 
     import torch.distributed.checkpoint as dcp
 
+    _check_checkpointable(optimizer)
     dcp.save({"model": model.state_dict(), "optim": optimizer_state_dict(model, optimizer),
               "extra": json.dumps(extra or {})}, checkpoint_id=str(path))
 
@@ -269,6 +424,7 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer: GaLoreAdamW) -> dic
 
     import torch.distributed.checkpoint as dcp
 
+    _check_checkpointable(optimizer)
     sd = {"model": model.state_dict(), "optim": optimizer_state_dict(model, optimizer), "extra": ""}
     dcp.load(sd, checkpoint_id=str(path))
     model.load_state_dict(sd["model"])
@@ -290,6 +446,72 @@ def full_parameters(model: torch.nn.Module) -> dict:
             for n, p in model.named_parameters()}
 
 
+# ---- per-GPU memory of the paper profiles (analytic: weights, gradients, optimizer state; no activations) --------
+def per_gpu_memory(size: str, method: str, world: int, rank: int | None = None, vocab_size: int = 32000) -> dict:
+    """Bytes per GPU of a LLaMA of ``size`` trained with ``method`` under DDP (everything on every GPU) and under
+    FSDP2 on ``world`` GPUs (weights, gradients and state divided by ``world``, plus the transient whole copy of
+    the largest FSDP unit's weights and gradients: one decoder layer, or the root's embedding, head and norm).
+    Methods: "adalomo" / "lomo" (the LOMO paper's accounting, ``lrkit.memory.recipe_memory_bytes``: fp16
+    weights, fused so no gradient buffer, AdaLomo's fp32 factors), "galore" (bf16 weights, gradients and state,
+    as GaLore's Table 6; ``rank``), "full" (AdamW, the same)."""
+    from lrkit import memory
+    from lrkit.models import LLAMA_SIZES
+    from lrkit.optim.galore import galore_state_numel
+
+    shapes = [s for _, s in memory.llama_weight_shapes(size, vocab_size)]
+    h, i, _, _ = LLAMA_SIZES[size]
+    unit = max(4 * h * h + 3 * h * i + 2 * h, 2 * vocab_size * h + h)  # a decoder layer, or the root's tensors
+    if method in ("adalomo", "lomo"):
+        rec = memory.recipe_memory_bytes(size, method, vocab_size)
+        params, grads, state, width = rec["param_bytes"], rec["grad_bytes"], rec["state_bytes"], 2
+        fsdp_grads = 0  # fused: each reduce-scattered shard is consumed by its hook at once
+    elif method in ("galore", "full"):
+        width = 2
+        n = sum(math.prod(s) for s in shapes)
+        params, grads = width * n, width * n
+        state = width * sum(galore_state_numel(s, rank if method == "galore" else None) for s in shapes)
+        fsdp_grads = grads / world
+    else:
+        raise ValueError(f"Invalid method: {method!r} (expected 'adalomo', 'lomo', 'galore' or 'full')")
+    transient = 2 * width * unit  # one unit's gathered weights and its unsharded gradients
+    ddp = params + grads + state
+    fsdp = params / world + fsdp_grads + state / world + transient
+    return {"size": size, "method": method, "rank": rank, "world": world, "ddp_bytes": ddp, "fsdp_bytes": fsdp,
+            "params_bytes": params, "grads_bytes": grads, "state_bytes": state, "transient_bytes": transient}
+
+
+def paper_memory_table(world: int = 8):
+    """The paper profiles' per-GPU memory (:func:`per_gpu_memory`) beside the papers' own figures, where a paper
+    reports the quantity (the LOMO paper's LLaMA-7B training memory, activations included; GaLore's Table 6
+    optimizer state on one GPU)."""
+    import pandas as pd
+
+    from lrkit.experiments.adalomo import LOMO_PAPER_7B_GIB
+    from lrkit.experiments.galore import PAPER
+
+    gib = 2 ** 30
+    rows = []
+    for size, method, rank, paper, source in (
+            ("7b", "adalomo", None, None, "AdaLomo paper: no total memory figure sourced offline"),
+            ("7b", "lomo", None, LOMO_PAPER_7B_GIB["lomo"], "LOMO paper Table 1: one GPU, GB, activations included"),
+            ("1b", "full", None, PAPER["state_gb"]["1b"]["full"], "GaLore Table 6: optimizer state, GB"),
+            ("1b", "galore", 512, PAPER["state_gb"]["1b"]["galore"], "GaLore Table 6: optimizer state, GB"),
+            ("7b", "galore", 1024, None, "GaLore: no 7B state figure in Table 6")):
+        m = per_gpu_memory(size, method, world, rank)
+        rows.append({"model": f"LLaMA {size.upper()}", "method": method + (f" r={rank}" if rank else ""),
+                     "state_GB_one_GPU": m["state_bytes"] / 1e9, "DDP_GiB_per_GPU": m["ddp_bytes"] / gib,
+                     f"FSDP2_x{world}_GiB_per_GPU": m["fsdp_bytes"] / gib, "paper_value": paper, "paper_source": source})
+    return pd.DataFrame(rows)
+
+
 __all__ = ["wrap", "ShardedGaLoreAdamW", "full_parameters", "local", "row_range", "gather_rows",
            "chunk_range", "state_layout",
-           "optimizer_state_dict", "save_checkpoint", "load_checkpoint", "SUPPORTED_METHODS"]
+           "optimizer_state_dict", "save_checkpoint", "load_checkpoint", "per_gpu_memory",
+           "paper_memory_table", "SUPPORTED_METHODS"]
+
+
+if __name__ == "__main__":  # python -m lrkit.fsdp: the paper profiles' per-GPU memory at 8 GPUs
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 2):
+        print(paper_memory_table(8).to_string(index=False))
