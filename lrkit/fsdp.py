@@ -304,10 +304,11 @@ def _shard_modules(model: torch.nn.Module, mp_policy) -> None:
     fully_shard(model, **kw)
 
 
-def wrap(method: str, model: torch.nn.Module, optimizer: GaLoreAdamW):
-    """Shard ``model`` with FSDP2 and rebuild ``optimizer`` (a ``GaLoreAdamW`` from ``lrkit.methods.prepare``,
-    before any step) on its sharded parameters; returns (model, optimizer). Needs an initialised process
-    group (``lrkit.distributed.init()`` under torchrun). Call after ``model.to(device)``."""
+def wrap(method: str, model: torch.nn.Module, optimizer):
+    """Shard ``model`` with FSDP2 and rebuild ``optimizer`` (the GaLoreAdamW, PerLayerGaLore, AdaLomo or Lomo
+    ``lrkit.methods.prepare`` built for ``method``, before any step; its hooks move to the sharded parameters) as
+    its sharded class; returns (model, optimizer). Needs an initialised process group
+    (``lrkit.distributed.init()`` under torchrun). Call after ``model.to(device)``."""
     if method in NOT_YET:
         raise NotImplementedError(f"method {method!r} under FSDP2: not supported yet ({NOT_YET[method]}; issue 21); "
                                   f"supported: {SUPPORTED_METHODS}")

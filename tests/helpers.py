@@ -95,3 +95,39 @@ def interrupt_writes(monkeypatch):
 
     monkeypatch.setattr(io, "open", opener)
     monkeypatch.setattr(builtins, "open", opener)
+
+
+def torchrun(script, *args, nproc: int = 2):
+    """``python -m torch.distributed.run --standalone --nproc-per-node nproc script *args`` in a process group of
+    its own (a hang is killed with torchrun and its workers), one torch thread, this checkout first on the path;
+    output captured. Pair with :func:`wait_torchrun`."""
+    import os
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           str(script), *map(str, args)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def wait_torchrun(proc, timeout_s: float, what: str) -> str:
+    """Wait for a :func:`torchrun` process (killing its group after ``timeout_s``, then failing the test with its
+    output); fail on a non-zero exit. Returns the output."""
+    import os
+    import signal
+    import subprocess
+
+    import pytest
+
+    try:
+        out, _ = proc.communicate(timeout=max(1.0, timeout_s))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{what} did not finish in time (hang?):\n{out[-4000:]}")
+    assert proc.returncode == 0, out[-4000:]
+    return out

@@ -7,7 +7,6 @@ GaLore 8-bit (bitsandbytes' kernels, CUDA only) is step()-based and DDP-wrapped 
 This file is also the worker script torchrun runs (``python -m torch.distributed.run ... this_file out_dir``).
 """
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -139,21 +138,13 @@ def test_cases_cover_every_method():
 
 
 def test_ddp_equals_one_process_for_every_method(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           __file__, str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # own process group: a hang kills torchrun and its workers
+    from helpers import torchrun, wait_torchrun
+
+    proc = torchrun(__file__, tmp_path)
     t0 = time.monotonic()
     torch.set_num_threads(1)
     single = {name: train_case(name) for name in CASES}  # one process, meanwhile
-    try:
-        out, _ = proc.communicate(timeout=max(1.0, TIMEOUT_S - (time.monotonic() - t0)))
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"2-process run did not finish in {TIMEOUT_S} s (hang?):\n{out[-4000:]}")
-    assert proc.returncode == 0, out[-4000:]
+    wait_torchrun(proc, TIMEOUT_S - (time.monotonic() - t0), f"the 2-process run ({TIMEOUT_S} s)")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     failures = []
     for name in CASES:

@@ -5,9 +5,6 @@ each rank must hold about half of the optimizer state one process holds.
 
 This file is also the worker script torchrun runs (``python -m torch.distributed.run ... this_file out_dir``).
 """
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,6 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from test_distributed import CASES as DDP_CASES  # noqa: E402
 from test_distributed import build, global_batches, lm_loss, max_diff, train_initial  # noqa: E402
+from helpers import torchrun, wait_torchrun  # noqa: E402
 
 from lrkit import distributed, fsdp  # noqa: E402
 
@@ -86,38 +84,19 @@ if __name__ == "__main__":
     worker(sys.argv[1], sys.argv[2])
 
 
-def _torchrun(tmp_path, mode, t0):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           __file__, str(tmp_path), mode]
-    root = str(Path(fsdp.__file__).parents[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # own process group: a hang kills torchrun and its workers
-
-
-def _wait(proc, t0):
-    try:
-        out, _ = proc.communicate(timeout=max(1.0, TIMEOUT_S - (time.monotonic() - t0)))
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"2-process FSDP run did not finish in {TIMEOUT_S} s (hang?):\n{out[-4000:]}")
-    assert proc.returncode == 0, out[-4000:]
-
-
 def test_fsdp_equals_one_process_and_halves_the_state(tmp_path):
     """Every supported method sharded over 2 ranks against one process; then a sharded checkpoint saved at step
     CKPT_STEP on 2 ranks resumes on 2 ranks (bit for bit the uninterrupted sharded run) and on 1 unsharded
     process (the same end within the case's tolerance)."""
     t0 = time.monotonic()
-    proc = _torchrun(tmp_path, "train", t0)
+    left = lambda: TIMEOUT_S - (time.monotonic() - t0)  # noqa: E731
+    proc = torchrun(__file__, tmp_path, "train")
     torch.set_num_threads(1)
     single = {name: train_case(name, sharded=False) for name in CASES}  # one process, meanwhile
-    _wait(proc, t0)
-    proc = _torchrun(tmp_path, "resume", t0)
+    wait_torchrun(proc, left(), "the 2-process FSDP run")
+    proc = torchrun(__file__, tmp_path, "resume")
     on_one = train_case(CKPT_CASE, sharded=False, resume_from=tmp_path / "ckpt")
-    _wait(proc, t0)
+    wait_torchrun(proc, left(), "the 2-process FSDP resume")
     ranks = [torch.load(tmp_path / f"train_rank{r}.pt", weights_only=True) for r in (0, 1)]
     resumed = [torch.load(tmp_path / f"resume_rank{r}.pt", weights_only=True)["resumed"] for r in (0, 1)]
     failures = []
