@@ -23,8 +23,9 @@ What each step reduces (besides FSDP's all-gather of parameters and reduce-scatt
     - "full": the same with R = sum_i P_i^T G_i Q^T (r x r), plus Q's all-gather.
 
 Checkpoints (:func:`save_checkpoint`, :func:`load_checkpoint`) go through ``torch.distributed.checkpoint``: each
-rank writes its shards, and the optimizer state is described in one process's layout (whole P, Q and moments as
-GaLoreAdamW holds them, each a DTensor over its sharded dimension), so a checkpoint saved on any number of ranks
+rank writes its shards, and the optimizer state is described in one process's layout (:func:`state_layout`:
+whole P, Q and moments as GaLoreAdamW holds them, AdaLomo's factors, each a DTensor over its sharded
+dimension), with the param groups' hyper-parameters (the scheduled lr), so a checkpoint saved on any number of ranks
 loads on any other, a single unsharded process included.
 
 Optimizers that update inside backward (per-layer GaLore, AdaLomo, LOMO; fused or not): FSDP2 calls each sharded
@@ -36,8 +37,8 @@ three scalar all-reduces (mean of the row factor, RMS of the update, RMS of the 
 
 Not in this slice (``wrap`` refuses them by name): Adafactor (transformers' class), ReLoRA (merges adapters into
 sharded weights), GaLore 8-bit, the "online_pca" projector, the "rotate" / "ldadam" moment transports, AdaLomo's
-rank-k / "svd" / "qr" second moments and "global" / "layer" normalisations, checkpoints of the in-backward
-optimizers' state, and ``lrkit.train``'s recipe key (the CLI still runs DDP).
+rank-k / "svd" / "qr" second moments and "global" / "layer" normalisations. ``lrkit.train`` runs it with the
+recipe key ``parallel: fsdp``.
 """
 from __future__ import annotations
 
@@ -349,10 +350,15 @@ _SHARDED = {GaLoreAdamW: ShardedGaLoreAdamW, PerLayerGaLore: ShardedPerLayerGaLo
 
 
 # ---- checkpoints: the optimizer state in one process's layout -----------------------------------------------
-def state_layout(optimizer: GaLoreAdamW, p, group) -> dict:
+def state_layout(optimizer, p, group) -> dict:
     """{state key: (global shape, the dimension sharded over the ranks)} of a parameter's tensor state, as one
-    unsharded GaLoreAdamW holds it (global shapes); under ShardedGaLoreAdamW each rank holds the torch.chunk
-    part of that dimension (module docstring)."""
+    unsharded optimizer holds it (global shapes); under the sharded classes each rank holds the torch.chunk part
+    of that dimension (module docstring). GaLoreAdamW (and per-layer GaLore): moments and projectors in the
+    parameter's dtype; AdaLomo: its fp32 factors (r: rows, c: columns, v: rows); LOMO: none."""
+    if isinstance(optimizer, Lomo):
+        return {}
+    if isinstance(optimizer, AdaLomo):
+        return {k: (tuple(shape), 0) for k, shape in optimizer._state_shapes(p, group).items()}
     if not optimizer.is_projected(p, group):
         return {"exp_avg": (tuple(p.shape), 0), "exp_avg_sq": (tuple(p.shape), 0)}
     (m, n), r = p.shape, group["rank"]
@@ -384,12 +390,16 @@ def optimizer_state_dict(model: torch.nn.Module, optimizer: GaLoreAdamW) -> dict
         if id(p) not in where:
             continue
         group, state = where[id(p)], optimizer.state[p]
-        state.setdefault("step", 0)
-        state.setdefault("moment_step", 0)
-        entry = {"step": state["step"], "moment_step": state["moment_step"]}
+        counters = ("step", "moment_step") if isinstance(optimizer, GaLoreAdamW) else ("step",)
+        if isinstance(optimizer, Lomo):
+            counters = ()
+        for k in counters:
+            state.setdefault(k, 0)
+        entry = {k: state[k] for k in counters}
+        dtype = torch.float32 if isinstance(optimizer, AdaLomo) else p.dtype
         for key, (shape, dim) in state_layout(optimizer, p, group).items():
             if key not in state:
-                state[key] = _local_zeros(shape, dim, p)
+                state[key] = _local_zeros(shape, dim, p).to(dtype)
             t = state[key]
             if isinstance(p, DTensor):
                 stride = torch.empty(shape, device="meta").stride()
@@ -401,9 +411,9 @@ def optimizer_state_dict(model: torch.nn.Module, optimizer: GaLoreAdamW) -> dict
 
 
 def _check_checkpointable(optimizer) -> None:
-    if not isinstance(optimizer, GaLoreAdamW):
-        raise NotImplementedError(f"sharded checkpoints of {type(optimizer).__name__} (issue 21): not supported yet; "
-                                  "supported: GaLoreAdamW and its sharded / per-layer variants")
+    if not isinstance(optimizer, (GaLoreAdamW, AdaLomo, Lomo)):
+        raise NotImplementedError(f"sharded checkpoints of {type(optimizer).__name__}: not supported (expected the "
+                                  "optimizers lrkit.fsdp.wrap builds: GaLoreAdamW, PerLayerGaLore, AdaLomo, Lomo)")
 
 
 def save_checkpoint(path, model: torch.nn.Module, optimizer: GaLoreAdamW, extra: dict | None = None) -> None:
@@ -414,8 +424,9 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer: GaLoreAdamW, extra:
     import torch.distributed.checkpoint as dcp
 
     _check_checkpointable(optimizer)
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]  # lr as scheduled
     dcp.save({"model": model.state_dict(), "optim": optimizer_state_dict(model, optimizer),
-              "extra": json.dumps(extra or {})}, checkpoint_id=str(path))
+              "groups": json.dumps(groups), "extra": json.dumps(extra or {})}, checkpoint_id=str(path))
 
 
 def load_checkpoint(path, model: torch.nn.Module, optimizer: GaLoreAdamW) -> dict:
@@ -426,9 +437,15 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer: GaLoreAdamW) -> dic
     import torch.distributed.checkpoint as dcp
 
     _check_checkpointable(optimizer)
-    sd = {"model": model.state_dict(), "optim": optimizer_state_dict(model, optimizer), "extra": ""}
+    sd = {"model": model.state_dict(), "optim": optimizer_state_dict(model, optimizer), "groups": "", "extra": ""}
     dcp.load(sd, checkpoint_id=str(path))
     model.load_state_dict(sd["model"])
+    saved = json.loads(sd["groups"])
+    if len(saved) != len(optimizer.param_groups):
+        raise ValueError(f"Invalid checkpoint {path}: {len(saved)} param groups (expected {len(optimizer.param_groups)})")
+    for group, values in zip(optimizer.param_groups, saved):  # the hyper-parameters as they were (lr: scheduled)
+        for k, v in values.items():
+            group[k] = tuple(v) if isinstance(group.get(k), tuple) else v
     for name, p in model.named_parameters():
         if name not in sd["optim"]:
             continue

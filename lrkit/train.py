@@ -23,6 +23,7 @@ import contextlib
 import math
 import os
 import random
+import shutil
 import signal
 import tempfile
 import threading
@@ -255,7 +256,7 @@ def atomic_torch_save(obj, path: Path) -> None:
 
 # Configuration keys a resumed run may change: where it runs, not what it computes (the global batch is split
 # across any number of processes into the same step).
-RESUMABLE_KEYS = ("device", "world_size")
+RESUMABLE_KEYS = ("device", "world_size", "parallel")
 
 
 def _run_config(cfg: LMTrainConfig, extra_config: dict | None) -> dict:
@@ -321,7 +322,9 @@ def train_lm(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     Under ``torchrun`` (``model`` and ``optimizer`` from ``lrkit.distributed.wrap``) every rank draws the same
     global batch of ``cfg.batch_size`` windows and trains on its shard; the logged loss is the rank average,
     every rank evaluates the same held-out windows with the same weights, rank 0 writes the checkpoints,
-    and a SIGTERM on any rank stops every rank at the same step.
+    and a SIGTERM on any rank stops every rank at the same step. With FSDP2 (``lrkit.fsdp.wrap``) the model
+    and optimizer go into a sharded checkpoint beside ``last.pt`` (``lrkit.fsdp.save_checkpoint``, every rank
+    its shards, ``last.pt`` naming it), which resumes on any number of ranks or in one process.
     """
     # windows of seq_len + 1 tokens: a random one for training needs one token more than a window; the claims'
     # evaluation one window; the tuning split's windows sit between the claims' ones, so it needs two and a token
@@ -350,6 +353,7 @@ def train_lm(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
                          "(expected them equal)")
     stateful = [cb for cb in callbacks if hasattr(cb, "state_dict")]
     ckpt = Checkpoint(checkpoint_dir, checkpoint_every) if checkpoint_dir is not None else None
+    sharded = any(type(p).__name__ == "DTensor" for p in bare.parameters())  # FSDP2 (lrkit.fsdp.wrap)
 
     history, running, n_running, start, wall_before = [], 0.0, 0, 1, 0.0
     run_config = _run_config(cfg, extra_config)
@@ -366,8 +370,16 @@ def train_lm(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
                              + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
                              + "; resuming would train with the checkpoint's values. Rerun with the checkpoint's "
                                "values, or start over (python -m lrkit.train --restart, or delete the checkpoint)")
-        bare.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if state.get("sharded"):  # model and optimizer in lrkit.fsdp's checkpoint, on any number of ranks
+            from lrkit import fsdp
+
+            fsdp.load_checkpoint(ckpt.path.parent / state["sharded"], bare, optimizer)
+        elif sharded:
+            raise ValueError(f"Invalid checkpoint {ckpt.path}: written by an unsharded (DDP or one-process) run, "
+                             "which an FSDP2 run cannot resume yet; resume it without parallel=fsdp, or --restart")
+        else:
+            bare.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         for cb, cs in zip(stateful, state["callbacks"]):
             cb.load_state_dict(cs)
@@ -377,9 +389,10 @@ def train_lm(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
         for k, v in state["timings"].items():  # measured overheads so far (timings() keys are attributes)
             setattr(optimizer, k, getattr(optimizer, k, 0.0) + v)
 
-    def snapshot(step):
-        return {"name": name, "steps": cfg.steps, "config": run_config, "step": step, "model": bare.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    def snapshot(step, shards=None):  # shards: the sharded checkpoint's directory name, holding model and optimizer
+        return {"name": name, "steps": cfg.steps, "config": run_config, "step": step, "sharded": shards,
+                "model": {} if shards else bare.state_dict(), "optimizer": {} if shards else optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
                 "callbacks": [cb.state_dict() for cb in stateful], "rng": _rng_states(gen),
                 "history": history, "running": running, "n_running": n_running,
                 "wall_s": wall_before + time.perf_counter() - t0,
@@ -427,8 +440,17 @@ def train_lm(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
                 running, n_running = 0.0, 0
             stop = sigterm.received if distributed.world_size() == 1 else distributed.mean(sigterm.received) > 0
             if ckpt and (stop or (ckpt.every and step % ckpt.every == 0) or step == cfg.steps):
+                shards = None
+                if sharded:  # every rank writes its shards; last.pt (rank 0, atomic) then names them
+                    from lrkit import fsdp
+
+                    shards = f"sharded-{step}"
+                    fsdp.save_checkpoint(ckpt.path.parent / shards, bare, optimizer)
                 if distributed.is_main():
-                    ckpt.save(snapshot(step))
+                    ckpt.save(snapshot(step, shards))
+                    for old in ckpt.path.parent.glob("sharded-*"):  # earlier sharded checkpoints
+                        if old.name != shards:
+                            shutil.rmtree(old, ignore_errors=True)
                 if stop:
                     print(f"[{name}] SIGTERM: checkpoint at step {step} in {ckpt.path}; rerun to resume", flush=True)
                     raise SystemExit(143)
@@ -473,7 +495,8 @@ def accumulate(model, optimizer, batch, cfg: LMTrainConfig, device) -> float:
 # ---------------------------------------------------------------------------------------------------
 # The command line: one recipe file, run as `python -m lrkit.train --config configs/train/<recipe>.yaml`.
 RECIPE_KEYS = {"name": str, "method": str, "model_size": str, "corpus": str, "corpus_options": dict,
-               "method_options": dict, "train": dict, "out": str, "checkpoint_every": int}
+               "method_options": dict, "train": dict, "out": str, "checkpoint_every": int, "parallel": str}
+PARALLEL = ("ddp", "fsdp")  # recipe key parallel: lrkit.distributed.wrap (the default) or lrkit.fsdp.wrap
 
 
 def load_recipe(path, overrides=()) -> dict:
@@ -516,6 +539,8 @@ def load_recipe(path, overrides=()) -> dict:
     for k, v in recipe.items():
         if not isinstance(v, RECIPE_KEYS[k]) or isinstance(v, bool):
             raise ValueError(f"Invalid {k}: {v!r} in {path} (expected {RECIPE_KEYS[k].__name__})")
+    if recipe.get("parallel", "ddp") not in PARALLEL:
+        raise ValueError(f"Invalid parallel: {recipe['parallel']!r} in {path} (expected one of {PARALLEL})")
     fields = set(LMTrainConfig.__dataclass_fields__)
     bad = sorted(set(recipe["train"]) - fields)
     if bad:
@@ -548,14 +573,23 @@ def run_recipe(recipe: dict, out=None, restart: bool = False) -> RunResult:
     prep = prepare(recipe["method"], model, lr=cfg.lr, seed=cfg.seed, **opts)
     extra = {**prep.info, "model_size": recipe["model_size"], "corpus": corpus_name,
              "vocab_size": corpus.vocab_size, "parameters": count_parameters(model),
-             "trainable": count_parameters(prep.model, True), "world_size": setup.world_size}
-    net, optimizer = distributed.wrap(recipe["method"], prep.model.to(setup.device), prep.optimizer)
+             "trainable": count_parameters(prep.model, True), "world_size": setup.world_size,
+             "parallel": recipe.get("parallel", "ddp")}
+    if recipe.get("parallel") == "fsdp" and setup.distributed:
+        from lrkit import fsdp
+
+        method = "galore_per_layer" if recipe["method"] == "galore" and opts.get("per_layer") else recipe["method"]
+        net, optimizer = fsdp.wrap(method, prep.model.to(setup.device), prep.optimizer)
+    else:  # DDP, or one process (where FSDP2 would shard nothing)
+        net, optimizer = distributed.wrap(recipe["method"], prep.model.to(setup.device), prep.optimizer)
     result = train_lm(name, net, optimizer, corpus, cfg, extra_config=extra,
                       callbacks=prep.callbacks, checkpoint_dir=out / "checkpoint",
                       checkpoint_every=recipe.get("checkpoint_every", 0), restart=restart)
+    weights = {k: v.full_tensor() if type(v).__name__ == "DTensor" else v  # FSDP2: every rank gathers
+               for k, v in distributed.unwrap(net).state_dict().items()}
     if distributed.is_main():
         records.save_run(out, result)
-        atomic_torch_save(prep.model.state_dict(), out / "model.pt")
+        atomic_torch_save(weights, out / "model.pt")
         print(f"[{name}] {result.final['steps']} steps, val loss {result.final['val_loss']} -> {out}", flush=True)
     return result
 

@@ -27,7 +27,9 @@ CASES = ["full", "galore", "galore_refresh", "galore_per_layer", "galore_per_lay
          "lomo_unclipped_accumulated"]
 
 
-CKPT_CASE, CKPT_STEP = "galore_refresh", 2  # every state layout (element-wise, left, right), a refresh after resume
+# galore_refresh: every GaLore state layout (element-wise, left, right) and a refresh after the resume; adalomo_accumulated:
+# AdaLomo's row / column factors (and fused accumulation) across the checkpoint
+CKPT_CASES, CKPT_STEP = ("galore_refresh", "adalomo_accumulated"), 2
 
 
 def train_case(name, sharded: bool, save_to=None, resume_from=None):
@@ -66,16 +68,58 @@ def train_case(name, sharded: bool, save_to=None, resume_from=None):
             "state_bytes": state, "consumed_in_backward": bool(consumed) and all(consumed)}
 
 
+def cli_recipe():
+    """lrkit.train's recipe for the CLI test: GaLore (refresh every 3 steps) on FSDP2, a checkpoint every 4 steps."""
+    from test_train_resume import recipe
+
+    return recipe("galore", steps=12, parallel="fsdp")
+
+
+class Crash(Exception):
+    pass
+
+
+def cli_worker(out: Path, mode: str) -> None:
+    """lrkit.train.run_recipe on FSDP2: "cli": an uninterrupted run, then one that crashes in step 7 (after the
+    checkpoint of step 4); "cli-resume": the crashed run rerun, resuming from its sharded checkpoint."""
+    from lrkit import train as T
+
+    if mode == "cli-resume":
+        T.run_recipe(cli_recipe(), out / "crashed")
+        return
+    T.run_recipe(cli_recipe(), out / "straight")
+    calls, windows = {"n": 0}, T.random_windows
+
+    def crashing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise Crash
+        return windows(*a, **k)
+
+    T.random_windows = crashing
+    try:
+        T.run_recipe(cli_recipe(), out / "crashed")
+    except Crash:
+        pass
+    finally:
+        T.random_windows = windows
+
+
 def worker(out_dir, mode):
     torch.set_num_threads(1)
     setup = distributed.init()
     assert setup.distributed and setup.backend == "gloo"
     out = Path(out_dir)
+    if mode.startswith("cli"):
+        cli_worker(out, mode)
+        distributed.destroy()
+        return
     if mode == "train":  # every case, and the checkpointed case saving at CKPT_STEP
         results = {name: train_case(name, sharded=True) for name in CASES}
-        results["saved"] = train_case(CKPT_CASE, sharded=True, save_to=out / "ckpt")
-    else:  # resume the checkpoint on this world size
-        results = {"resumed": train_case(CKPT_CASE, sharded=True, resume_from=out / "ckpt")}
+        for c in CKPT_CASES:
+            results[f"saved {c}"] = train_case(c, sharded=True, save_to=out / f"ckpt {c}")
+    else:  # resume the checkpoints on this world size
+        results = {c: train_case(c, sharded=True, resume_from=out / f"ckpt {c}") for c in CKPT_CASES}
     torch.save(results, out / f"{mode}_rank{setup.rank}.pt")
     distributed.destroy()
 
@@ -95,10 +139,10 @@ def test_fsdp_equals_one_process_and_halves_the_state(tmp_path):
     single = {name: train_case(name, sharded=False) for name in CASES}  # one process, meanwhile
     wait_torchrun(proc, left(), "the 2-process FSDP run")
     proc = torchrun(__file__, tmp_path, "resume")
-    on_one = train_case(CKPT_CASE, sharded=False, resume_from=tmp_path / "ckpt")
+    on_one = {c: train_case(c, sharded=False, resume_from=tmp_path / f"ckpt {c}") for c in CKPT_CASES}
     wait_torchrun(proc, left(), "the 2-process FSDP resume")
     ranks = [torch.load(tmp_path / f"train_rank{r}.pt", weights_only=True) for r in (0, 1)]
-    resumed = [torch.load(tmp_path / f"resume_rank{r}.pt", weights_only=True)["resumed"] for r in (0, 1)]
+    resumed = [torch.load(tmp_path / f"resume_rank{r}.pt", weights_only=True) for r in (0, 1)]
     failures = []
     for name in CASES:
         across = max_diff(ranks[0][name]["params"], ranks[1][name]["params"])
@@ -114,15 +158,16 @@ def test_fsdp_equals_one_process_and_halves_the_state(tmp_path):
         if across != 0.0 or vs_single > DDP_CASES[name][4] or moved < 1e-4 or loss_diff > 1e-5 or ratio > 0.55:
             failures.append(name)
     assert not failures, f"FSDP differs from one process, or keeps too much state: {failures}"
-    saved = ranks[0]["saved"]["params"]
-    on_two = max(max_diff(r["params"], saved) for r in resumed)
-    one = max_diff(on_one["params"], saved)
-    tol = DDP_CASES[CKPT_CASE][4]
-    print(f"checkpoint at step {CKPT_STEP} ({CKPT_CASE}): resumed on 2 ranks vs uninterrupted {on_two:.1e}, "
-          f"on 1 process {one:.1e} (tolerance {tol:.0e})")
-    assert max_diff(saved, ranks[0][CKPT_CASE]["params"]) == 0.0  # saving changes nothing
-    assert on_two == 0.0 and one <= tol
-    assert max_diff(on_one["params"], single[CKPT_CASE]["params"]) <= tol
+    for c in CKPT_CASES:
+        saved = ranks[0][f"saved {c}"]["params"]
+        on_two = max(max_diff(r[c]["params"], saved) for r in resumed)
+        one = max_diff(on_one[c]["params"], saved)
+        tol = DDP_CASES[c][4]
+        print(f"checkpoint at step {CKPT_STEP} ({c}): resumed on 2 ranks vs uninterrupted {on_two:.1e}, "
+              f"on 1 process {one:.1e} (tolerance {tol:.0e})")
+        assert max_diff(saved, ranks[0][c]["params"]) == 0.0  # saving changes nothing
+        assert on_two == 0.0 and one <= tol
+        assert max_diff(on_one[c]["params"], single[c]["params"]) <= tol
 
 
 def test_wrap_refuses_what_it_does_not_shard_yet():
@@ -147,3 +192,35 @@ def test_per_gpu_memory_divides_what_is_sharded_by_the_world_size():
     assert table.paper_value.notna().sum() == 3 and (table.paper_source != "").all()
     with pytest.raises(ValueError, match="Invalid method: 'sgd'"):
         fsdp.per_gpu_memory("1b", "sgd", 8)
+
+
+def test_train_cli_on_fsdp_resumes_a_crashed_run_on_two_ranks_and_on_one(tmp_path):
+    """lrkit.train with parallel=fsdp under torchrun (2 gloo ranks): a run that crashes in step 7 resumes from its
+    sharded checkpoint of step 4 to exactly the uninterrupted sharded run; the same checkpoint resumed in one
+    unsharded process ends within the DDP tests' GaLore tolerance; the recipe key is checked."""
+    import shutil
+
+    from test_train_resume import outcome
+
+    from lrkit import train as T
+
+    t0 = time.monotonic()
+    left = lambda: TIMEOUT_S - (time.monotonic() - t0)  # noqa: E731
+    wait_torchrun(torchrun(__file__, tmp_path, "cli"), left(), "the 2-rank FSDP CLI runs")
+    ckpt = torch.load(tmp_path / "crashed/checkpoint/last.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["sharded"] == "sharded-4" and ckpt["model"] == {}
+    assert not (tmp_path / "crashed" / "metrics.json").exists()
+    shutil.copytree(tmp_path / "crashed", tmp_path / "on_one")  # the same checkpoint, resumed in one process
+    wait_torchrun(torchrun(__file__, tmp_path, "cli-resume"), left(), "the 2-rank FSDP CLI resume")
+    straight, resumed = outcome(tmp_path / "straight"), outcome(tmp_path / "crashed")
+    assert straight[1] == resumed[1] and max_diff(straight[2], resumed[2]) == 0.0
+    T.run_recipe(cli_recipe(), tmp_path / "on_one")  # world size 1: GaLoreAdamW unsharded, the sharded checkpoint
+    one = outcome(tmp_path / "on_one")
+    diff = max_diff(straight[2], one[2])
+    print(f"FSDP CLI: crashed at step 7, resumed from step 4 on 2 ranks: difference 0; on 1 process {diff:.1e}")
+    assert diff < 1e-5 and [h["step"] for h in one[1]] == [h["step"] for h in straight[1]]
+    with pytest.raises(ValueError, match="Invalid parallel: 'zero3'"):
+        import yaml
+
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(dict(cli_recipe(), parallel="zero3")))
+        T.load_recipe(tmp_path / "r.yaml")
