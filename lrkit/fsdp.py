@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -52,9 +51,8 @@ from torch.distributed.tensor import DTensor, Shard
 
 from lrkit.optim.adalomo import AdaLomo
 from lrkit.optim.galore import GaLoreAdamW, PerLayerGaLore, project_back, projector_side
-from lrkit.optim.in_backward import InBackwardOptimizer, NonFiniteGradient
+from lrkit.optim.in_backward import InBackwardOptimizer
 from lrkit.optim.lomo import Lomo
-from lrkit.utils import all_finite
 
 SUPPORTED_METHODS = ("full", "galore", "galore_per_layer", "lora", "low_rank", "adalomo", "lomo")
 NOT_YET = {"adafactor": "transformers' Adafactor reads whole rows and columns of each parameter",
@@ -142,31 +140,13 @@ class ShardedGaLoreAdamW(GaLoreAdamW):
                 dist.all_reduce(R, group=pg)
                 cols = chunk_range(R.shape[1], world, me)
                 g = R[:, cols[0]:cols[0] + cols[1]]
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(g, dtype=p.dtype)
-            state["exp_avg_sq"] = torch.zeros_like(g, dtype=p.dtype)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        m, v = exp_avg.float(), exp_avg_sq.float()
-        beta1, beta2 = group["betas"]
-        state["step"] += 1
-        state["moment_step"] += 1
-        m.mul_(beta1).add_(g, alpha=1.0 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        if m is not exp_avg:
-            exp_avg.copy_(m)
-            exp_avg_sq.copy_(v)
-        step_size = group["lr"]
-        if group["correct_bias"]:
-            t = state["moment_step"]
-            step_size = step_size * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
+        m, v, step_size = self._moments(state, group, g, p.dtype)
         norm_grad = m / v.sqrt().add_(group["eps"])
         if cols is not None:  # every rank's columns of N: one all-gather (as rows of N^T)
             norm_grad = gather_rows(norm_grad.t().contiguous(), R.shape[1], pg).t()
         if side is not None:
             norm_grad = project_back(norm_grad, P, Q, group["scale"])
-        w.add_(norm_grad.to(w.dtype), alpha=-step_size)
-        if group["weight_decay"] > 0.0:
-            w.add_(w, alpha=-group["lr"] * group["weight_decay"])
+        self._apply(w, norm_grad, step_size, group)
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state held by this rank (tensors only)."""
@@ -185,39 +165,14 @@ class ShardedInBackward(InBackwardOptimizer):
     def _reduce(self, grad):
         return None  # FSDP2 reduce-scattered and averaged it before the hook
 
-    def _global_clip_coef(self, params):
-        sq = torch.stack([local(q.grad).detach().float().square().sum() for q in params]).sum()
-        dist.all_reduce(sq, group=_group(params[0]))
-        return (self.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    def _grad(self, p):
+        return local(p.grad)
 
-    @contextmanager
-    def grad_norm_pass(self):
-        with super().grad_norm_pass():
-            yield self
-            sq = torch.stack(self._sq_norms).sum() if self._sq_norms else torch.zeros(())
-            dist.all_reduce(sq, group=_group(self.param_groups[0]["params"][0]))  # every rank's: the global norm
-            self._sq_norms[:] = [sq]
+    def _sum_ranks(self, t):
+        return _all_sum(t, self.param_groups[0]["params"][0])  # every rank's squared norms: the global norm
 
-    def _on_grad(self, p):
-        if self._sq_norms is not None and not self._paused and p.grad is not None and id(p) in self._handles:
-            self._sq_norms.append(local(p.grad).detach().float().square().sum())  # pass 1: measure, drop
-            p.grad = None
-            return
-        super()._on_grad(p)
-
-    def _consume(self, p, coef):
-        grad = local(p.grad)
-        if not all_finite(grad):
-            raise NonFiniteGradient(p, f"non-finite gradient (NaN or Inf) in a {tuple(p.shape)} parameter, "
-                                       f"index {self._order[id(p)]} of the optimizer's parameters")
-        if self.fused:
-            p.grad = None
-        if coef is not None:
-            grad = grad.to(torch.float32) * coef
-        with torch.no_grad():
-            self._update_param(p, grad)
-        self._stepped.add(id(p))
-        self._held.discard(id(p))
+    def _global_norm(self, norms):
+        return self._sum_ranks(norms.square().sum()).sqrt()
 
 
 def _group(p):

@@ -296,9 +296,22 @@ class GaLoreAdamW(Optimizer):
             self._refresh_projector(p, group, state, grad, index)
             self.projector_time_s += time.perf_counter() - t0
             grad = project(grad, *self._projectors(state))
+        m, v, step_size = self._moments(state, group, grad, p.dtype)
+        buf = self._buffer("denom", v)
+        denom = (v.sqrt() if buf is None else torch.sqrt(v, out=buf)).add_(group["eps"])
+        norm_grad = m / denom if buf is None else torch.div(m, denom, out=denom)
+        if projected:
+            norm_grad = project_back(norm_grad, *self._projectors(state), group["scale"], out=self._buffer("update", p))
+        self._apply(p, norm_grad, step_size, group)
+
+    @staticmethod
+    def _moments(state, group, grad, dtype):
+        """Adam's moments of ``grad`` (the projected gradient, or the gradient), created in ``dtype`` on the first
+        step, updated in fp32; advances the step counters. Returns (M, V) in fp32 and the step size with the
+        HF-style bias correction folded in."""
         if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(grad, dtype=p.dtype)
-            state["exp_avg_sq"] = torch.zeros_like(grad, dtype=p.dtype)
+            state["exp_avg"] = torch.zeros_like(grad, dtype=dtype)
+            state["exp_avg_sq"] = torch.zeros_like(grad, dtype=dtype)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         m, v = exp_avg.float(), exp_avg_sq.float()  # aliases in fp32; working copies for bf16 states
         beta1, beta2 = group["betas"]
@@ -309,18 +322,18 @@ class GaLoreAdamW(Optimizer):
         if m is not exp_avg:
             exp_avg.copy_(m)
             exp_avg_sq.copy_(v)
-        buf = self._buffer("denom", v)
-        denom = (v.sqrt() if buf is None else torch.sqrt(v, out=buf)).add_(group["eps"])
         step_size = group["lr"]
         if group["correct_bias"]:  # HF-style: bias correction folded into the step size
             t = state["moment_step"]
             step_size = step_size * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
-        norm_grad = m / denom if buf is None else torch.div(m, denom, out=denom)
-        if projected:
-            norm_grad = project_back(norm_grad, *self._projectors(state), group["scale"], out=self._buffer("update", p))
-        p.add_(norm_grad.to(p.dtype), alpha=-step_size)
-        if group["weight_decay"] > 0.0:  # galore-torch: decay the *updated* weight, with the base lr
-            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+        return m, v, step_size
+
+    @staticmethod
+    def _apply(w, norm_grad, step_size, group):
+        """W <- W - step_size * update, then galore-torch's decoupled decay of the *updated* weight (base lr)."""
+        w.add_(norm_grad.to(w.dtype), alpha=-step_size)
+        if group["weight_decay"] > 0.0:
+            w.add_(w, alpha=-group["lr"] * group["weight_decay"])
 
     @staticmethod
     def _projectors(state):  # (P, Q) in fp32, None where absent

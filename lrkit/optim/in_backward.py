@@ -184,6 +184,19 @@ class InBackwardOptimizer:
         pass
 
     # ---- the path from a final gradient to an update ----------------------------------------------
+    # ---- what a sharded subclass changes (lrkit.fsdp.ShardedInBackward): this rank's gradient, sums over ranks
+    def _grad(self, p: torch.Tensor) -> torch.Tensor:
+        """The gradient an update reads: ``p.grad`` (a sharded subclass: this rank's part of it)."""
+        return p.grad
+
+    def _sum_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """A partial sum over this rank's shards made whole; here the gradients are whole already."""
+        return t
+
+    def _global_norm(self, norms: torch.Tensor) -> torch.Tensor:
+        """The global norm from the per-tensor norms, as clip_grad_norm_ computes it."""
+        return torch.linalg.vector_norm(norms)
+
     def _reduce(self, grad: torch.Tensor) -> None:
         world = reduction_world_size(self.reduction, self.process_group)
         if world > 1:  # sum then divide: gloo has no AVG op
@@ -191,7 +204,7 @@ class InBackwardOptimizer:
             grad.div_(world)
 
     def _consume(self, p: torch.Tensor, coef: torch.Tensor | None) -> None:
-        grad = p.grad
+        grad = self._grad(p)
         if not all_finite(grad):  # stop before a NaN reaches the weights (or an SVD)
             raise NonFiniteGradient(p, f"non-finite gradient (NaN or Inf) in a {tuple(p.shape)} parameter, "
                                        f"index {self._order[id(p)]} of the optimizer's parameters")
@@ -205,8 +218,8 @@ class InBackwardOptimizer:
         self._held.discard(id(p))
 
     def _global_clip_coef(self, params: list) -> torch.Tensor:
-        norms = torch.stack([torch.linalg.vector_norm(q.grad.detach().to(torch.float32)) for q in params])
-        return (self.max_grad_norm / (torch.linalg.vector_norm(norms) + 1e-6)).clamp(max=1.0)
+        norms = torch.stack([torch.linalg.vector_norm(self._grad(q).detach().to(torch.float32)) for q in params])
+        return (self.max_grad_norm / (self._global_norm(norms) + 1e-6)).clamp(max=1.0)
 
     def _clip_and_update(self, params: list) -> None:
         params = sorted(params, key=lambda q: self._order[id(q)])  # parameter order, as clip_grad_norm_
@@ -224,7 +237,7 @@ class InBackwardOptimizer:
             return
         if self._sq_norms is not None:  # pass 1 of two-pass clipping: only measure, then drop
             self._reduce(p.grad)
-            self._sq_norms.append(p.grad.detach().to(torch.float32).square().sum())
+            self._sq_norms.append(self._grad(p).detach().to(torch.float32).square().sum())
             p.grad = None
             return
         if id(p) in self._stepped:
@@ -288,7 +301,7 @@ class InBackwardOptimizer:
             norms = self._sq_norms
         finally:
             self._sq_norms = None
-        total = torch.stack(norms).sum().sqrt() if norms else torch.zeros(())
+        total = self._sum_ranks(torch.stack(norms).sum() if norms else torch.zeros(())).sqrt()
         self._clip_coef = (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
 
     def backward(self, loss: torch.Tensor) -> None:
