@@ -8,8 +8,15 @@ allows. On CUDA the mixed-precision policy computes in bf16 and reduces in fp32.
 
 What each step reduces (besides FSDP's all-gather of parameters and reduce-scatter of gradients):
 
-* AdamW ("full"), LoRA, low-rank (``GaLoreAdamW`` without projection): element-wise on the local rows; no
-  collective. State: exp_avg, exp_avg_sq of the local rows.
+* AdamW ("full"), LoRA, low-rank, ReLoRA (``GaLoreAdamW`` without projection): element-wise on the local rows;
+  no collective. State: exp_avg, exp_avg_sq of the local rows. ReLoRA's merge (every ``relora_every`` steps)
+  adds s B_i A to this rank's rows W_i of each frozen weight: one all-gather of A (r x n) per adapter and merge;
+  A is re-drawn whole from the merge's generator (the same on every rank) and each rank keeps its rows.
+* Adafactor (transformers' class, as ``lrkit.methods`` runs it: external lr, scale_parameter, clip_threshold):
+  per matrix and step an all-reduce of the column sums of G^2 (n floats) and an all-gather of the column
+  factor (n floats; each rank keeps its part), a scalar all-reduce for the mean of the row factor; per
+  parameter two scalar all-reduces (RMS of the update, RMS of the weight). Row factor, a vector's second
+  moment and beta1's first moment: local rows.
 * GaLore (``proj_type`` "std", "reverse_std", "left", "right", "full"; ``moments_on_switch`` "keep" or "reset";
   any ``proj_method`` but "online_pca"), for an m x n weight whose rows are sharded, G = [G_0; G_1; ...]:
     - at a projector refresh (step 0 and every T steps): one all-gather of G (m x n floats), then the projector
@@ -35,9 +42,9 @@ deferred and unfused: once the step's gradients are in). AdaLomo per parameter a
 column sums of G^2 (m floats) and an all-gather of the column factor (m floats; each rank keeps its part), and
 three scalar all-reduces (mean of the row factor, RMS of the update, RMS of the weight). LOMO: element-wise.
 
-Not in this slice (``wrap`` refuses them by name): Adafactor (transformers' class), ReLoRA (merges adapters into
-sharded weights), GaLore 8-bit, the "online_pca" projector, the "rotate" / "ldadam" moment transports, AdaLomo's
-rank-k / "svd" / "qr" second moments and "global" / "layer" normalisations. ``lrkit.train`` runs it with the
+Not in this slice (``wrap`` refuses each by name): GaLore 8-bit (bitsandbytes, CUDA only), the "online_pca"
+projector, the "rotate" / "ldadam" moment transports, AdaLomo's rank-k / "svd" / "qr" second moments and
+"global" / "layer" normalisations, Adafactor's relative_step. ``lrkit.train`` runs it with the
 recipe key ``parallel: fsdp``.
 """
 from __future__ import annotations
@@ -48,15 +55,16 @@ import time
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
+from transformers.optimization import Adafactor
 
 from lrkit.optim.adalomo import AdaLomo
 from lrkit.optim.galore import GaLoreAdamW, PerLayerGaLore, project_back, projector_side
 from lrkit.optim.in_backward import InBackwardOptimizer
 from lrkit.optim.lomo import Lomo
 
-SUPPORTED_METHODS = ("full", "galore", "galore_per_layer", "lora", "low_rank", "adalomo", "lomo")
-NOT_YET = {"adafactor": "transformers' Adafactor reads whole rows and columns of each parameter",
-           "relora": "it merges adapters into sharded weights", "galore_8bit": "8-bit states are CUDA-only"}
+SUPPORTED_METHODS = ("full", "galore", "galore_per_layer", "lora", "low_rank", "relora", "adalomo", "lomo",
+                     "adafactor")
+NOT_YET = {"galore_8bit": "bitsandbytes' 8-bit states are CUDA-only and not DTensor-aware"}
 
 
 def local(t):
@@ -246,6 +254,76 @@ class ShardedAdaLomo(ShardedInBackward, AdaLomo):
             w.copy_(w32)
 
 
+class ShardedAdafactor(Adafactor):
+    """transformers' Adafactor (the AdaLomo paper's baseline; ``lrkit.methods`` runs it with an external lr and
+    scale_parameter) on this rank's rows, op for op as its ``step``. Per matrix and step: the column statistic
+    mean_rows(G^2 + eps1) needs one all-reduce of n floats (each rank keeps its torch.chunk part of the column
+    factor, then an all-gather of n floats), the mean of the row factor one scalar; per parameter the RMS of the
+    update (clip_threshold) and the RMS of the weight (scale_parameter) one scalar each. The row factor, a vector's
+    second moment, beta1's first moment and the update are local."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            if group["relative_step"]:
+                raise NotImplementedError("Adafactor's relative_step under FSDP2: not supported (lrkit.methods "
+                                          "runs it with an external lr)")
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not isinstance(p, DTensor):
+                    raise TypeError(f"Invalid parameter of shape {tuple(p.shape)}: a {type(p).__name__} (expected "
+                                    "FSDP2's DTensor: lrkit.fsdp.wrap shards every parameter of the model)")
+                self._sharded_update(p, group)
+        return loss
+
+    def _sharded_update(self, p, group):
+        grad, w = local(p.grad), local(p)
+        grad = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
+        state = self.state[p]
+        factored, first_moment = self._get_options(group, p.shape)
+        if p.dim() > 2:
+            raise NotImplementedError(f"Adafactor under FSDP2 on a {p.dim()}-D parameter: not supported (matrices "
+                                      "and vectors only)")
+        if not state:
+            state["step"] = 0
+            if first_moment:
+                state["exp_avg"] = torch.zeros_like(grad)
+            if factored:  # its rows of the row factor; its torch.chunk part of the column factor
+                state["exp_avg_sq_row"] = _local_zeros(p.shape[:-1], 0, p).to(grad)
+                state["exp_avg_sq_col"] = _local_zeros(p.shape[-1:], 0, p).to(grad)
+            else:
+                state["exp_avg_sq"] = torch.zeros_like(grad)
+        w32 = w.float() if w.dtype in (torch.float16, torch.bfloat16) else w
+        state["step"] += 1
+        state["RMS"] = _all_sum(w32.square().sum(), p).div_(p.numel()).sqrt_()
+        lr = self._get_lr(group, state)
+        beta2t = 1.0 - math.pow(state["step"], group["decay_rate"])
+        update = grad ** 2 + group["eps"][0]
+        if factored:
+            n_rows, n_cols = p.shape
+            row = state["exp_avg_sq_row"].mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
+            col_mean = _all_sum(update.sum(dim=-2), p).div_(n_rows)  # mean over all rows
+            a, k = chunk_range(n_cols, p.device_mesh.size(), p.device_mesh.get_local_rank())
+            state["exp_avg_sq_col"].mul_(beta2t).add_(col_mean[a:a + k], alpha=1.0 - beta2t)
+            col = gather_rows(state["exp_avg_sq_col"], n_cols, _group(p))
+            row_mean = _all_sum(row.sum(), p).div_(n_rows)
+            update = (row / row_mean).rsqrt_().unsqueeze(-1).mul(col.unsqueeze(-2).rsqrt()).mul_(grad)
+        else:
+            update = state["exp_avg_sq"].mul_(beta2t).add_(update, alpha=1.0 - beta2t).rsqrt().mul_(grad)
+        rms = _all_sum(update.square().sum(), p).div_(p.numel()).sqrt_()
+        update.div_((rms / group["clip_threshold"]).clamp_(min=1.0))
+        update.mul_(lr)
+        if first_moment:
+            update = state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
+        if group["weight_decay"] != 0:
+            w32.add_(w32, alpha=-group["weight_decay"] * lr)
+        w32.add_(-update)
+        if w32 is not w:
+            w.copy_(w32)
+
+
 class ShardedPerLayerGaLore(ShardedInBackward, PerLayerGaLore, ShardedGaLoreAdamW):
     """Per-layer GaLore on FSDP2: the hook base above, ShardedGaLoreAdamW's update of one parameter."""
 
@@ -260,11 +338,12 @@ def _shard_modules(model: torch.nn.Module, mp_policy) -> None:
     fully_shard(model, **kw)
 
 
-def wrap(method: str, model: torch.nn.Module, optimizer):
-    """Shard ``model`` with FSDP2 and rebuild ``optimizer`` (the GaLoreAdamW, PerLayerGaLore, AdaLomo or Lomo
-    ``lrkit.methods.prepare`` built for ``method``, before any step; its hooks move to the sharded parameters) as
-    its sharded class; returns (model, optimizer). Needs an initialised process group
-    (``lrkit.distributed.init()`` under torchrun). Call after ``model.to(device)``."""
+def wrap(method: str, model: torch.nn.Module, optimizer, callbacks=()):
+    """Shard ``model`` with FSDP2 and rebuild ``optimizer`` (the GaLoreAdamW, PerLayerGaLore, AdaLomo, Lomo or
+    Adafactor ``lrkit.methods.prepare`` built for ``method``, before any step; its hooks move to the sharded
+    parameters) as its sharded class; ``callbacks`` that hold the optimizer (ReLoRA's merge) are pointed at the
+    new one. Returns (model, optimizer). Needs an initialised process group (``lrkit.distributed.init()`` under
+    torchrun). Call after ``model.to(device)``."""
     if method in NOT_YET:
         raise NotImplementedError(f"method {method!r} under FSDP2: not supported yet ({NOT_YET[method]}; issue 21); "
                                   f"supported: {SUPPORTED_METHODS}")
@@ -297,11 +376,15 @@ def wrap(method: str, model: torch.nn.Module, optimizer):
                    clipping=optimizer.clipping, reduction="none")
         if not isinstance(optimizer, PerLayerGaLore):
             kw["fused"] = optimizer.fused
-    return model, _SHARDED[type(optimizer)](new_groups, **kw)
+    new = _SHARDED[type(optimizer)](new_groups, **kw)
+    for cb in callbacks:
+        if getattr(cb, "optimizer", None) is optimizer:
+            cb.optimizer = new
+    return model, new
 
 
 _SHARDED = {GaLoreAdamW: ShardedGaLoreAdamW, PerLayerGaLore: ShardedPerLayerGaLore, AdaLomo: ShardedAdaLomo,
-            Lomo: ShardedLomo}
+            Lomo: ShardedLomo, Adafactor: ShardedAdafactor}
 
 
 # ---- checkpoints: the optimizer state in one process's layout -----------------------------------------------
@@ -312,6 +395,12 @@ def state_layout(optimizer, p, group) -> dict:
     parameter's dtype; AdaLomo: its fp32 factors (r: rows, c: columns, v: rows); LOMO: none."""
     if isinstance(optimizer, Lomo):
         return {}
+    if isinstance(optimizer, Adafactor):
+        factored, first_moment = optimizer._get_options(group, p.shape)
+        out = {"exp_avg": (tuple(p.shape), 0)} if first_moment else {}
+        if factored:
+            return out | {"exp_avg_sq_row": (tuple(p.shape[:-1]), 0), "exp_avg_sq_col": (tuple(p.shape[-1:]), 0)}
+        return out | {"exp_avg_sq": (tuple(p.shape), 0)}
     if isinstance(optimizer, AdaLomo):
         return {k: (tuple(shape), 0) for k, shape in optimizer._state_shapes(p, group).items()}
     if not optimizer.is_projected(p, group):
@@ -351,7 +440,9 @@ def optimizer_state_dict(model: torch.nn.Module, optimizer: GaLoreAdamW) -> dict
         for k in counters:
             state.setdefault(k, 0)
         entry = {k: state[k] for k in counters}
-        dtype = torch.float32 if isinstance(optimizer, AdaLomo) else p.dtype
+        low = p.dtype in (torch.float16, torch.bfloat16)  # AdaLomo's factors, Adafactor's state of such: fp32
+        dtype = torch.float32 if isinstance(optimizer, AdaLomo) or (isinstance(optimizer, Adafactor) and low) \
+            else p.dtype
         for key, (shape, dim) in state_layout(optimizer, p, group).items():
             if key not in state:
                 state[key] = _local_zeros(shape, dim, p).to(dtype)
@@ -366,9 +457,10 @@ def optimizer_state_dict(model: torch.nn.Module, optimizer: GaLoreAdamW) -> dict
 
 
 def _check_checkpointable(optimizer) -> None:
-    if not isinstance(optimizer, (GaLoreAdamW, AdaLomo, Lomo)):
+    if not isinstance(optimizer, (GaLoreAdamW, AdaLomo, Lomo, Adafactor)):
         raise NotImplementedError(f"sharded checkpoints of {type(optimizer).__name__}: not supported (expected the "
-                                  "optimizers lrkit.fsdp.wrap builds: GaLoreAdamW, PerLayerGaLore, AdaLomo, Lomo)")
+                                  "optimizers lrkit.fsdp.wrap builds: GaLoreAdamW, PerLayerGaLore, AdaLomo, Lomo, "
+                                  "Adafactor)")
 
 
 def save_checkpoint(path, model: torch.nn.Module, optimizer: GaLoreAdamW, extra: dict | None = None) -> None:

@@ -225,11 +225,20 @@ class ReLoRAMerge:
         for layer in self.layers:
             for name in layer.active_adapters:
                 A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
-                layer.get_base_layer().weight += layer.scaling[name] * (B @ A)
+                W = layer.get_base_layer().weight
                 bound = 1 / math.sqrt(A.shape[1])
-                A.copy_(torch.empty_like(A).uniform_(-bound, bound, generator=self.generator))
+                fresh = torch.empty(A.shape, dtype=A.dtype).uniform_(-bound, bound, generator=self.generator)
+                if type(A).__name__ == "DTensor":  # FSDP2 (lrkit.fsdp): W_i += s B_i A on this rank's rows
+                    from lrkit.fsdp import local, row_range
+
+                    local(W).add_(layer.scaling[name] * (local(B) @ A.full_tensor()))
+                    start, rows = row_range(A)
+                    A, B, fresh = local(A), local(B), fresh[start:start + rows]
+                else:
+                    W += layer.scaling[name] * (B @ A)
+                A.copy_(fresh)
                 B.zero_()
-                for p in (A, B):
+                for p in (layer.lora_A[name].weight, layer.lora_B[name].weight):
                     self.optimizer.state.pop(p, None)
         self.merges += 1
 

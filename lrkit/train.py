@@ -579,7 +579,7 @@ def run_recipe(recipe: dict, out=None, restart: bool = False) -> RunResult:
         from lrkit import fsdp
 
         method = "galore_per_layer" if recipe["method"] == "galore" and opts.get("per_layer") else recipe["method"]
-        net, optimizer = fsdp.wrap(method, prep.model.to(setup.device), prep.optimizer)
+        net, optimizer = fsdp.wrap(method, prep.model.to(setup.device), prep.optimizer, prep.callbacks)
     else:  # DDP, or one process (where FSDP2 would shard nothing)
         net, optimizer = distributed.wrap(recipe["method"], prep.model.to(setup.device), prep.optimizer)
     result = train_lm(name, net, optimizer, corpus, cfg, extra_config=extra,

@@ -23,13 +23,14 @@ TIMEOUT_S = 240
 # the DDP file's cases for the methods this slice supports; galore_refresh draws a new projector every 2 steps
 # (proj_method "random"), so the refresh's all-gather and both projection sides run every other step
 CASES = ["full", "galore", "galore_refresh", "galore_per_layer", "galore_per_layer_svd_two_pass", "lora", "low_rank",
-         "adalomo", "adalomo_accumulated", "adalomo_unfused", "lomo", "lomo_accumulated", "lomo_unclipped",
-         "lomo_unclipped_accumulated"]
+         "relora", "adalomo", "adalomo_accumulated", "adalomo_unfused", "lomo", "lomo_accumulated", "lomo_unclipped",
+         "lomo_unclipped_accumulated", "adafactor"]
 
 
 # galore_refresh: every GaLore state layout (element-wise, left, right) and a refresh after the resume; adalomo_accumulated:
-# AdaLomo's row / column factors (and fused accumulation) across the checkpoint
-CKPT_CASES, CKPT_STEP = ("galore_refresh", "adalomo_accumulated"), 2
+# AdaLomo's row / column factors (and fused accumulation) across the checkpoint; adafactor: transformers' class's
+# row / column statistics
+CKPT_CASES, CKPT_STEP = ("galore_refresh", "adalomo_accumulated", "adafactor"), 2
 
 
 def train_case(name, sharded: bool, save_to=None, resume_from=None):
@@ -38,7 +39,7 @@ def train_case(name, sharded: bool, save_to=None, resume_from=None):
     method, kw, micro, clip, _ = DDP_CASES[name]
     prepared = build(name)
     wrapper = "galore_per_layer" if kw.get("per_layer") else method
-    model, opt = (fsdp.wrap(wrapper, prepared.model, prepared.optimizer) if sharded
+    model, opt = (fsdp.wrap(wrapper, prepared.model, prepared.optimizer, prepared.callbacks) if sharded
                   else (prepared.model, prepared.optimizer))
     in_backward = getattr(opt, "updates_in_backward", False)
     first = 1
@@ -61,6 +62,8 @@ def train_case(name, sharded: bool, save_to=None, resume_from=None):
             consumed.append(all(p.grad is None for p in model.parameters()))
         opt.step()
         opt.zero_grad(set_to_none=True)
+        for cb in prepared.callbacks:  # ReLoRA's merge every 2 steps
+            cb(step)
         if save_to is not None and step == CKPT_STEP:
             fsdp.save_checkpoint(save_to, model, opt, extra={"step": step})
     state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
@@ -172,8 +175,8 @@ def test_fsdp_equals_one_process_and_halves_the_state(tmp_path):
 
 def test_wrap_refuses_what_it_does_not_shard_yet():
     model = torch.nn.Linear(4, 4)
-    with pytest.raises(NotImplementedError, match="'adafactor' under FSDP2: not supported yet"):
-        fsdp.wrap("adafactor", model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(NotImplementedError, match="'galore_8bit' under FSDP2: not supported yet"):
+        fsdp.wrap("galore_8bit", model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="Invalid method: 'sgd'"):
         fsdp.wrap("sgd", model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(RuntimeError, match="initialised process group"):

@@ -271,7 +271,7 @@ def make_server_app(config: dict | None = None, sink: dict | None = None):
             """{client: reply content, or the reason it failed}, waiting at most round_timeout_s."""
             msgs = {c: Message(content_of(c), dst_node_id=node[c], message_type=message_type, group_id=str(t))
                     for c in clients}
-            replies = list(grid.send_and_receive(list(msgs.values()), timeout=timeout))
+            replies = send_and_receive(grid, list(msgs.values()), timeout)
             by_id = {r.metadata.reply_to_message_id: r for r in replies}  # error replies come from the SuperLink
             out = {}
             for c, m in msgs.items():
@@ -332,6 +332,21 @@ def make_server_app(config: dict | None = None, sink: dict | None = None):
     return app
 
 
+def send_and_receive(grid, messages: list, timeout: float | None, poll_s: float = 0.1) -> list:
+    """``grid.send_and_receive`` with a short poll: push ``messages``, then pull their replies every ``poll_s``
+    seconds until all are in or ``timeout`` seconds have passed (None: no limit). Flower's own pulls every 3 s,
+    which adds 1.5 s on average to every stage of every round on a real SuperLink."""
+    pending = set(grid.push_messages(messages))
+    end, replies = time.monotonic() + (timeout or 0.0), []
+    while pending and (timeout is None or time.monotonic() < end):
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {r.metadata.reply_to_message_id for r in got}
+        if pending:
+            time.sleep(poll_s)
+    return replies
+
+
 def _partitions(grid, n_clients: int, timeout_s: float = 120.0) -> dict:
     """Ask the connected nodes for their partition ids until partitions 0..n_clients-1 all have a node
     (extra nodes are left idle; a node that does not answer is asked again while time is left; each message
@@ -342,9 +357,8 @@ def _partitions(grid, n_clients: int, timeout_s: float = 120.0) -> dict:
     while True:
         new = [n for n in grid.get_node_ids() if n not in asked]
         if new:
-            replies = list(grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type="query.info")
-                                                  for n in new],
-                                                 timeout=max(1.0, timeout_s - (time.monotonic() - t0))))
+            replies = send_and_receive(grid, [Message(RecordDict(), dst_node_id=n, message_type="query.info")
+                                              for n in new], max(1.0, timeout_s - (time.monotonic() - t0)))
             for r in replies:
                 if not r.has_error():
                     part.setdefault(int(r.content["info"]["partition-id"]), r.metadata.src_node_id)
