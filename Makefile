@@ -67,11 +67,11 @@ data: setup
 # (same seed, one thread; to a relative 1e-9, since float64 BLAS can differ in the last bit between processes); a change that alters a number fails until `make reproduce PROFILE=smoke`
 # regenerates and commits the reference.
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=600
-# The unit tests and nbval run side by side: nbval at the lowest CPU priority (nice 19) takes only the CPU the unit
-# tests leave idle while they wait on Flower's and torchrun's processes, so they are not slowed (Ray's raylet must
-# start within a fixed 30 s); each one's output is printed whole when it ends.
+# The unit tests and nbval run side by side: nbval and its kernels at the lowest CPU priority (tests/background.py)
+# take only the CPU the unit tests leave idle while they wait on Flower's and torchrun's processes, so those are not
+# slowed (Ray's raylet must start within a fixed 30 s); each one's output is printed whole when it ends.
 test: setup data
-	@$(MAKE) --no-print-directory -j2 --output-sync=target unit nbval NBVAL_NICE="nice -n 19"
+	@$(MAKE) --no-print-directory -j2 --output-sync=target unit nbval NBVAL_NICE="$(PY) tests/background.py"
 	$(PY) -m lrkit.reports check --profile smoke
 # TEST_JOBS pytest workers side by side (pytest-xdist; default one per core, TEST_JOBS=0 for none): unit tests
 # one by one (tests sharing processes carry an xdist_group mark), each notebook whole on one worker.

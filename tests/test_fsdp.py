@@ -67,8 +67,9 @@ def train_case(name, sharded: bool, save_to=None, resume_from=None):
         if save_to is not None and step == CKPT_STEP:
             fsdp.save_checkpoint(save_to, model, opt, extra={"step": step})
     state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    weights = sum(fsdp.local(p).numel() * p.element_size() for p in model.parameters())  # this rank's
     return {"params": fsdp.full_parameters(model), "losses": torch.tensor(losses, dtype=torch.float64),
-            "state_bytes": state, "consumed_in_backward": bool(consumed) and all(consumed)}
+            "state_bytes": state, "param_bytes": weights, "consumed_in_backward": bool(consumed) and all(consumed)}
 
 
 def cli_recipe():
@@ -153,12 +154,15 @@ def test_fsdp_equals_one_process_and_halves_the_state(tmp_path):
         moved = max_diff(single[name]["params"], train_initial(name))
         loss_diff = (ranks[0][name]["losses"] - single[name]["losses"]).abs().max().item()
         ratio = max(r[name]["state_bytes"] for r in ranks) / max(single[name]["state_bytes"], 1)  # LOMO: none
+        weights = max(r[name]["param_bytes"] for r in ranks) / single[name]["param_bytes"]
         print(f"{name:16s} max |rank0 - rank1| = {across:.1e}   max |fsdp - one process| = {vs_single:.1e}"
-              f"   logged loss {loss_diff:.1e}   state per rank / one process {ratio:.3f}   (moved {moved:.1e})")
+              f"   logged loss {loss_diff:.1e}   per rank / one process: state {ratio:.3f}, weights {weights:.3f}"
+              f"   (moved {moved:.1e})")
         fused = getattr(build(name).optimizer, "updates_in_backward", False)
         if fused and not all(r[name]["consumed_in_backward"] for r in ranks):
             failures.append(f"{name} (gradients left for step())")
-        if across != 0.0 or vs_single > DDP_CASES[name][4] or moved < 1e-4 or loss_diff > 1e-5 or ratio > 0.55:
+        if across != 0.0 or vs_single > DDP_CASES[name][4] or moved < 1e-4 or loss_diff > 1e-5 or ratio > 0.55 \
+                or weights > 0.55:
             failures.append(name)
     assert not failures, f"FSDP differs from one process, or keeps too much state: {failures}"
     for c in CKPT_CASES:
