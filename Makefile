@@ -67,11 +67,12 @@ data: setup
 # (same seed, one thread; to a relative 1e-9, since float64 BLAS can differ in the last bit between processes); a change that alters a number fails until `make reproduce PROFILE=smoke`
 # regenerates and commits the reference.
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=600
-# The unit tests and nbval run side by side: nbval and its kernels at the lowest CPU priority (tests/background.py)
-# take only the CPU the unit tests leave idle while they wait on Flower's and torchrun's processes, so those are not
-# slowed (Ray's raylet must start within a fixed 30 s); each one's output is printed whole when it ends.
+# The unit tests and nbval run side by side (each one's output printed whole when it ends): the notebooks fill the
+# CPU the unit tests leave idle while they wait on Flower's and torchrun's processes. Measured on a clean clone,
+# 2 cores: 609 s for .ci/run against 657 s one after the other; nbval at nice 19 was slower (746 s: Jupyter
+# kernels are sessions of their own, and at the lowest priority they got too little of the little idle CPU).
 test: setup data
-	@$(MAKE) --no-print-directory -j2 --output-sync=target unit nbval NBVAL_NICE="$(PY) tests/background.py"
+	@$(MAKE) --no-print-directory -j2 --output-sync=target unit nbval
 	$(PY) -m lrkit.reports check --profile smoke
 # TEST_JOBS pytest workers side by side (pytest-xdist; default one per core, TEST_JOBS=0 for none): unit tests
 # one by one (tests sharing processes carry an xdist_group mark), each notebook whole on one worker.
@@ -83,7 +84,7 @@ UNIT_JOBS ?= $(if $(filter 0,$(TEST_JOBS)),0,$(shell echo $$(($(TEST_JOBS) + 1))
 unit: setup data
 	$(PY) -m pytest -q -n $(UNIT_JOBS) --dist loadgroup tests
 nbval: setup data
-	$(NBVAL_NICE) $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile $(NBVAL) notebooks
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile $(NBVAL) notebooks
 # Tests that can fail: each mutant in tests/mutants/*.yaml breaks the code once; its test must then fail.
 mutants: setup data
 	$(PY) tests/run_mutants.py

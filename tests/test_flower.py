@@ -442,3 +442,34 @@ def test_sigterm_to_the_launcher_leaves_no_flower_process(tmp_path):
             launcher.wait()
         for pid in alive(tree):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_ray_start_is_retried_on_its_startup_timeout_only(monkeypatch):
+    """Ray's fixed 30 s wait for its raylet can run out on a loaded 2-core machine: run_flower's Ray start tries
+    again (3 attempts, with a warning) on that error and on no other."""
+    import ray
+
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(kwargs)
+        if len(calls) < 3:
+            raise Exception("The current node timed out during startup. This could happen because ...")
+        return "started"
+
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(ray, "init", flaky)
+    with pytest.warns(RuntimeWarning, match="attempt 2 of 3"), flower._patient_ray():
+        assert ray.init(num_cpus=1) == "started"
+    assert ray.init is flaky and calls == [{"num_cpus": 1}] * 3
+    for error, tries in ((Exception("The current node timed out during startup."), 3),  # the third is raised
+                         (ValueError("Invalid num_cpus"), 1)):  # not a start-up timeout: raised at once
+        def failing(*args, error=error, **kwargs):
+            calls.append(kwargs)
+            raise error
+
+        calls.clear()
+        monkeypatch.setattr(ray, "init", failing)
+        with flower._patient_ray(), pytest.raises(type(error), match=str(error)):
+            ray.init()
+        assert len(calls) == tries

@@ -17,9 +17,11 @@ Each client loads its own partition: client c of `problem` is partition c of the
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -372,6 +374,33 @@ def _partitions(grid, n_clients: int, timeout_s: float = 120.0) -> dict:
         time.sleep(1.0)
 
 
+@contextlib.contextmanager
+def _patient_ray(attempts: int = 3):
+    """Ray waits a fixed 30 s for its raylet to register; on a loaded machine (2 cores and other jobs) that start
+    can time out. While the simulation engine starts Ray, its ``ray.init`` tries up to ``attempts`` times on that
+    error (with a warning), then raises it."""
+    import ray
+
+    init = ray.init
+
+    def patient_init(*args, **kwargs):
+        for attempt in range(1, attempts + 1):
+            try:
+                return init(*args, **kwargs)
+            except Exception as e:
+                if "timed out during startup" not in str(e) or attempt == attempts:
+                    raise
+                ray.shutdown()
+                warnings.warn(f"Ray's start timed out (attempt {attempt} of {attempts}); starting it again",
+                              RuntimeWarning, stacklevel=2)
+
+    ray.init = patient_init
+    try:
+        yield
+    finally:
+        ray.init = init
+
+
 def run_flower(config: dict | None = None, backend_config: dict | None = None) -> dict:
     """Run `config` through Flower's simulation engine with num_clients virtual SuperNodes. Returns
     {"history", "state", "model"} in the simulator's format (`lrkit.fed.simulate.to_run_result` takes it)."""
@@ -384,8 +413,9 @@ def run_flower(config: dict | None = None, backend_config: dict | None = None) -
     sink: dict = {}
     backend_config = backend_config or {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                         "init_args": {"num_cpus": 1, "include_dashboard": False}}
-    run_simulation(server_app=make_server_app(cfg, sink), client_app=make_client_app(),
-                   num_supernodes=cfg["num_clients"], backend_config=backend_config)
+    with _patient_ray():
+        run_simulation(server_app=make_server_app(cfg, sink), client_app=make_client_app(),
+                       num_supernodes=cfg["num_clients"], backend_config=backend_config)
     if "state" not in sink:
         raise RuntimeError("The Flower run ended without a result (see the Flower log above)")
     return sink | {"model": fedlrt.load_state(_model(cfg), sink["state"]), "device": "cpu"}
