@@ -170,22 +170,25 @@ def _profile_of(dirname: str) -> str:
 
 
 _CODE_SEEN: dict[str, str] = {}
+_LRKIT_FILE: dict[str, str | None] = {}  # a module's __file__ -> its path in the repository if under lrkit/, else None
 
 
 def loaded_code() -> dict[str, str]:
     """sha256 of every lrkit source file this process has imported ({"lrkit/optim/galore.py": hex}): the package
     code a notebook's results came from; ``make reproduce`` reruns a notebook when one of them changes. Each
-    file is hashed when first seen (an edit during a long run shows as a change afterwards)."""
+    file is hashed when first seen (an edit during a long run shows as a change afterwards); each module's path
+    is resolved once (a notebook's kernel holds thousands of modules and saves a record after every run)."""
     pkg = REPO_ROOT / "lrkit"
     for mod in list(sys.modules.values()):
         f = getattr(mod, "__file__", None)
         if not f or not f.endswith(".py"):
             continue
-        path = Path(f).resolve()
-        if path.is_relative_to(pkg):
-            rel = path.relative_to(REPO_ROOT).as_posix()
-            if rel not in _CODE_SEEN:
-                _CODE_SEEN[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+        if f not in _LRKIT_FILE:
+            path = Path(f).resolve()
+            _LRKIT_FILE[f] = path.relative_to(REPO_ROOT).as_posix() if path.is_relative_to(pkg) else None
+        rel = _LRKIT_FILE[f]
+        if rel is not None and rel not in _CODE_SEEN:
+            _CODE_SEEN[rel] = hashlib.sha256((REPO_ROOT / rel).read_bytes()).hexdigest()
     return dict(sorted(_CODE_SEEN.items()))
 
 

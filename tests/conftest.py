@@ -23,7 +23,16 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+# Longest first: pytest-xdist hands tests to its workers in collection order, and these modules' tests (real
+# Flower, torchrun and Jupyter processes, whole notebooks) take 10 to 110 s each; collected in name order, some
+# started last and left one worker running alone at the end.
+LONG_FIRST = ("test_flower.py", "test_notebooks.py", "test_fsdp.py", "test_rerun.py", "test_lab.py",
+              "test_report_pages.py", "test_train_resume.py", "test_distributed.py", "test_gpu_check.py",
+              "test_experiments_fedlrt.py", "test_experiments_adalomo.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: LONG_FIRST.index(item.path.name) if item.path.name in LONG_FIRST else len(LONG_FIRST))
     # CUDA tests are marked and skipped on CPU machines (CI has no GPU).
     if torch.cuda.is_available():
         return
