@@ -83,16 +83,29 @@ class Crash(Exception):
     pass
 
 
-def cli_worker(out: Path, mode: str) -> None:
-    """lrkit.train.run_recipe on FSDP2: "cli": an uninterrupted run, then one that crashes in step 7 (after the
-    checkpoint of step 4); "cli-resume": the crashed run rerun, resuming from its sharded checkpoint."""
+def cli_worker(out: Path) -> None:
+    """lrkit.train.run_recipe on FSDP2: an uninterrupted run; one that crashes in step 7 (after the checkpoint of
+    step 4), whose directory rank 0 then copies to on_one/ (for the test to resume in one process); then the crashed
+    run rerun, resuming from its sharded checkpoint on disk (the same ranks' processes: a torchrun start costs two
+    interpreters' imports; nothing of the crashed run is left in memory but the process group)."""
+    import shutil
+
+    import torch.distributed as dist
+
     from lrkit import train as T
 
-    if mode == "cli-resume":
-        T.run_recipe(cli_recipe(), out / "crashed")
-        return
-    T.run_recipe(cli_recipe(), out / "straight")
     calls, windows = {"n": 0}, T.random_windows
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return windows(*a, **k)
+
+    T.random_windows = counting
+    try:
+        T.run_recipe(cli_recipe(), out / "straight")
+    finally:
+        T.random_windows = windows
+    straight_draws, calls["n"] = calls["n"], 0
 
     def crashing(*a, **k):
         calls["n"] += 1
@@ -107,6 +120,17 @@ def cli_worker(out: Path, mode: str) -> None:
         pass
     finally:
         T.random_windows = windows
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.copytree(out / "crashed", out / "on_one")
+    dist.barrier()
+    calls["n"] = 0  # counted again: a resume draws the batches of steps 5..12 only, a silent restart all 12
+    T.random_windows = counting
+    try:
+        T.run_recipe(cli_recipe(), out / "crashed")
+    finally:
+        T.random_windows = windows
+    (out / f"draws_rank{dist.get_rank()}.txt").write_text(f"{straight_draws} {calls['n']}")
 
 
 def worker(out_dir, mode):
@@ -114,17 +138,18 @@ def worker(out_dir, mode):
     setup = distributed.init()
     assert setup.distributed and setup.backend == "gloo"
     out = Path(out_dir)
-    if mode.startswith("cli"):
-        cli_worker(out, mode)
+    if mode == "cli":
+        cli_worker(out)
         distributed.destroy()
         return
-    if mode == "train":  # every case, and the checkpointed case saving at CKPT_STEP
-        results = {name: train_case(name, sharded=True) for name in CASES}
-        for c in CKPT_CASES:
-            results[f"saved {c}"] = train_case(c, sharded=True, save_to=out / f"ckpt {c}")
-    else:  # resume the checkpoints on this world size
-        results = {c: train_case(c, sharded=True, resume_from=out / f"ckpt {c}") for c in CKPT_CASES}
-    torch.save(results, out / f"{mode}_rank{setup.rank}.pt")
+    # every case, and the checkpointed cases saving at CKPT_STEP; then fresh models and optimizers resume those
+    # checkpoints on this world size (one launch: each torchrun start costs two interpreters' imports)
+    results = {name: train_case(name, sharded=True) for name in CASES}
+    for c in CKPT_CASES:
+        results[f"saved {c}"] = train_case(c, sharded=True, save_to=out / f"ckpt {c}")
+    torch.save(results, out / f"train_rank{setup.rank}.pt")
+    resumed = {c: train_case(c, sharded=True, resume_from=out / f"ckpt {c}") for c in CKPT_CASES}
+    torch.save(resumed, out / f"resume_rank{setup.rank}.pt")
     distributed.destroy()
 
 
@@ -141,10 +166,8 @@ def test_fsdp_equals_one_process_and_halves_the_state(tmp_path):
     proc = torchrun(__file__, tmp_path, "train")
     torch.set_num_threads(1)
     single = {name: train_case(name, sharded=False) for name in CASES}  # one process, meanwhile
-    wait_torchrun(proc, left(), "the 2-process FSDP run")
-    proc = torchrun(__file__, tmp_path, "resume")
+    wait_torchrun(proc, left(), "the 2-process FSDP run and resume")
     on_one = {c: train_case(c, sharded=False, resume_from=tmp_path / f"ckpt {c}") for c in CKPT_CASES}
-    wait_torchrun(proc, left(), "the 2-process FSDP resume")
     ranks = [torch.load(tmp_path / f"train_rank{r}.pt", weights_only=True) for r in (0, 1)]
     resumed = [torch.load(tmp_path / f"resume_rank{r}.pt", weights_only=True) for r in (0, 1)]
     failures = []
@@ -205,8 +228,6 @@ def test_train_cli_on_fsdp_resumes_a_crashed_run_on_two_ranks_and_on_one(tmp_pat
     """lrkit.train with parallel=fsdp under torchrun (2 gloo ranks): a run that crashes in step 7 resumes from its
     sharded checkpoint of step 4 to exactly the uninterrupted sharded run; the same checkpoint resumed in one
     unsharded process ends within the DDP tests' GaLore tolerance; the recipe key is checked."""
-    import shutil
-
     from test_train_resume import outcome
 
     from lrkit import train as T
@@ -214,11 +235,12 @@ def test_train_cli_on_fsdp_resumes_a_crashed_run_on_two_ranks_and_on_one(tmp_pat
     t0 = time.monotonic()
     left = lambda: TIMEOUT_S - (time.monotonic() - t0)  # noqa: E731
     wait_torchrun(torchrun(__file__, tmp_path, "cli"), left(), "the 2-rank FSDP CLI runs")
-    ckpt = torch.load(tmp_path / "crashed/checkpoint/last.pt", weights_only=True)
+    ckpt = torch.load(tmp_path / "on_one/checkpoint/last.pt", weights_only=True)  # the crashed run, as it was left
     assert ckpt["step"] == 4 and ckpt["sharded"] == "sharded-4" and ckpt["model"] == {}
-    assert not (tmp_path / "crashed" / "metrics.json").exists()
-    shutil.copytree(tmp_path / "crashed", tmp_path / "on_one")  # the same checkpoint, resumed in one process
-    wait_torchrun(torchrun(__file__, tmp_path, "cli-resume"), left(), "the 2-rank FSDP CLI resume")
+    assert not (tmp_path / "on_one" / "metrics.json").exists()
+    draws = {tuple(map(int, (tmp_path / f"draws_rank{r}.txt").read_text().split())) for r in (0, 1)}
+    assert len(draws) == 1 and [8 * a == 12 * b for a, b in draws] == [True], \
+        f"the rerun did not resume from step 4 (batches drawn: uninterrupted, rerun): {draws}"
     straight, resumed = outcome(tmp_path / "straight"), outcome(tmp_path / "crashed")
     assert straight[1] == resumed[1] and max_diff(straight[2], resumed[2]) == 0.0
     T.run_recipe(cli_recipe(), tmp_path / "on_one")  # world size 1: GaLoreAdamW unsharded, the sharded checkpoint
